@@ -1,0 +1,5 @@
+"""``python -m cellp2p``."""
+
+from cellp2p.cli import main
+
+main()

@@ -1,0 +1,337 @@
+"""The ``cellp2p`` command line: click parses, then one library function does the work."""
+
+from __future__ import annotations
+
+import json
+import sys
+from dataclasses import fields
+from pathlib import Path
+from typing import Any
+
+import click
+from click.core import ParameterSource
+
+from cellp2p import __version__
+from cellp2p.errors import CellP2PError
+
+
+class Group(click.Group):
+    """Turns a CellP2PError into one ``Error: ...`` line and exit status 1, never a traceback."""
+
+    def invoke(self, ctx: click.Context) -> Any:
+        try:
+            return super().invoke(ctx)
+        except CellP2PError as err:
+            raise click.ClickException(str(err)) from None
+        except KeyboardInterrupt:
+            click.echo("Interrupted.", err=True)
+            ctx.exit(130)
+        except OSError as err:
+            if err.errno == 28:  # ENOSPC
+                raise click.ClickException(
+                    f"{err.filename or 'output'}: disk full; free space or choose another folder"
+                ) from None
+            raise
+
+
+@click.group(cls=Group, context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, prog_name="cellp2p")
+def main() -> None:
+    """U-Net and pix2pix for microscopy stacks: segment or translate TIFF stacks."""
+
+
+# -- info, synth, fetch ------------------------------------------------------------------------
+
+
+@main.command()
+@click.argument("target")
+def info(target: str) -> None:
+    """Describe a stack (TIFF, PNG or folder) or a data manifest (e.g. isbi2012).
+
+    Prints shape, axes, dtype, value range, label values and pixel size.
+    """
+    from cellp2p.data import info as info_fn
+
+    click.echo(info_fn(target))
+
+
+@main.command()
+@click.option(
+    "--kind",
+    type=click.Choice(["em", "nuclei"]),
+    default="em",
+    show_default=True,
+    help="EM membranes (binary labels, ISBI convention) or fluorescent nuclei "
+    "(16-bit, instance labels).",
+)
+@click.option("--slices", type=int, default=8, show_default=True, help="Number of slices (Z).")
+@click.option("--size", default="256", show_default=True, help="Slice size: N or HxW.")
+@click.option("--seed", type=int, default=0, show_default=True, help="Random seed.")
+@click.option(
+    "--out",
+    type=click.Path(path_type=Path),
+    required=True,
+    help="Folder for volume.tif and labels.tif.",
+)
+@click.option("--force", is_flag=True, help="Overwrite existing files.")
+def synth(kind: str, slices: int, size: str, seed: int, out: Path, force: bool) -> None:
+    """Write a seeded synthetic paired stack: OUT/volume.tif and OUT/labels.tif."""
+    from cellp2p.synth import parse_size
+    from cellp2p.synth import synth as synth_fn
+
+    vol, lab = synth_fn(kind, out, slices, parse_size(size), seed=seed, force=force)
+    click.echo(f"wrote {vol} and {lab}")
+
+
+@main.command()
+@click.argument("name")
+@click.option(
+    "--dest",
+    type=click.Path(path_type=Path),
+    required=True,
+    help="Folder to download into (files land in DEST/NAME/).",
+)
+@click.option("--force", is_flag=True, help="Download again even if verified files exist.")
+def fetch(name: str, dest: Path, force: bool) -> None:
+    """Download a data set named by a manifest (e.g. isbi2012) and verify its checksums."""
+    from cellp2p.data import fetch as fetch_fn
+
+    paths = fetch_fn(name, dest, force=force)
+    for role, path in paths.items():
+        click.echo(f"{role}: {path}")
+
+
+# -- train -------------------------------------------------------------------------------------
+
+TRAIN_OPTIONS = [
+    click.option(
+        "--mode",
+        type=click.Choice(["unet", "pix2pix"]),
+        default="unet",
+        show_default=True,
+        help="U-Net baseline (supervised loss) or pix2pix cGAN (adversarial + λ·L1).",
+    ),
+    click.option(
+        "--volume", type=click.Path(path_type=Path), help="Input stack (TIFF/PNG/folder)."
+    ),
+    click.option(
+        "--labels",
+        type=click.Path(path_type=Path),
+        help="Target stack: labels (segment) or the second modality (translate).",
+    ),
+    click.option("--manifest", help="Data manifest name or JSON path (uses its split)."),
+    click.option(
+        "--data-dir",
+        type=click.Path(path_type=Path),
+        help="Where the manifest's files are (default: $CELLP2P_DATA).",
+    ),
+    click.option("--out", type=click.Path(path_type=Path), required=True, help="Run folder."),
+    click.option(
+        "--preset",
+        type=click.Choice(["small", "course", "paper"]),
+        default="small",
+        show_default=True,
+        help="Network size.",
+    ),
+    click.option(
+        "--task",
+        type=click.Choice(["segment", "translate"]),
+        default="segment",
+        show_default=True,
+        help="Labels as classes, or the target as an image.",
+    ),
+    click.option(
+        "--direction",
+        type=click.Choice(["AtoB", "BtoA"]),
+        default="AtoB",
+        show_default=True,
+        help="BtoA learns volume from labels (synthetic images).",
+    ),
+    click.option(
+        "--labels-mode",
+        type=click.Choice(["auto", "binary", "nonzero", "multiclass"]),
+        default="auto",
+        show_default=True,
+        help="How labels become classes: nonzero = foreground is label > 0.",
+    ),
+    click.option("--train-slices", help="Training slices, e.g. 0-24 or 0,2,4-9."),
+    click.option("--val-slices", help="Validation slices, e.g. 25-29."),
+    click.option("--max-steps", type=int, help="Number of optimizer steps."),
+    click.option("--epochs", type=int, help="Epochs (an epoch covers the training slices once)."),
+    click.option("--batch-size", type=int, default=4, show_default=True, help="Crops per step."),
+    click.option("--crop", type=int, default=256, show_default=True, help="Training crop size."),
+    click.option("--lr", type=float, help="Learning rate [unet 1e-3, pix2pix 2e-4]."),
+    click.option(
+        "--lr-decay-start",
+        type=float,
+        default=0.5,
+        show_default=True,
+        help="Fraction of the run after which the lr decays linearly to 0.",
+    ),
+    click.option(
+        "--loss",
+        type=click.Choice(["bce", "dice", "bcedice", "l1", "l2"]),
+        help="U-Net loss [segment: bcedice, translate: l1].",
+    ),
+    click.option(
+        "--lambda-l1",
+        type=float,
+        default=100.0,
+        show_default=True,
+        help="pix2pix L1 weight (0: GAN only).",
+    ),
+    click.option(
+        "--lambda-gan",
+        type=float,
+        default=1.0,
+        show_default=True,
+        help="pix2pix adversarial weight (0: L1 only).",
+    ),
+    click.option(
+        "--gan-mode",
+        type=click.Choice(["vanilla", "lsgan", "hinge", "wgangp"]),
+        default="vanilla",
+        show_default=True,
+        help="Adversarial objective.",
+    ),
+    click.option("--unconditional", is_flag=True, help="D sees the output only (GAN, not cGAN)."),
+    click.option(
+        "--receptive-field",
+        type=click.Choice(["1", "16", "70", "286"]),
+        default="70",
+        show_default=True,
+        help="PatchGAN receptive field in pixels.",
+    ),
+    click.option(
+        "--eval-every",
+        type=int,
+        default=100,
+        show_default=True,
+        help="Validate and checkpoint every N steps.",
+    ),
+    click.option("--best-metric", help="Validation metric for best.pt [dice_1 or psnr]."),
+    click.option(
+        "--augment/--no-augment",
+        default=True,
+        show_default=True,
+        help="Flips, 90° rotations, intensity jitter.",
+    ),
+    click.option("--elastic", is_flag=True, help="Elastic deformation (U-Net paper)."),
+    click.option("--jitter", is_flag=True, help="pix2pix resize-286/crop-256 jitter."),
+    click.option("--seed", type=int, default=0, show_default=True, help="Random seed."),
+    click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or mps."),
+    click.option(
+        "--precision",
+        type=click.Choice(["auto", "fp32", "bf16", "fp16"]),
+        default="auto",
+        show_default=True,
+        help="auto: bf16 on CUDA, fp32 on CPU.",
+    ),
+    click.option("--deterministic", is_flag=True, help="Deterministic kernels where possible."),
+    click.option(
+        "--num-workers",
+        type=int,
+        default=0,
+        show_default=True,
+        help="Data-loading worker processes.",
+    ),
+    click.option(
+        "--resume", is_flag=True, help="Continue the run in --out from its last checkpoint."
+    ),
+    click.option("--quiet", is_flag=True, help="Plain log lines instead of progress bars."),
+    click.option(
+        "--config",
+        "config_file",
+        type=click.Path(path_type=Path),
+        help="JSON file of these options (flags override it).",
+    ),
+]
+
+
+def _apply(options: list) -> Any:
+    def decorate(f: Any) -> Any:
+        for opt in reversed(options):
+            f = opt(f)
+        return f
+
+    return decorate
+
+
+def _train_config(ctx: click.Context, params: dict[str, Any]) -> tuple[Any, dict[str, Any]]:
+    """Defaults < --config file < flags given on the command line."""
+    from cellp2p.train import TrainConfig
+
+    names = {f.name for f in fields(TrainConfig)}
+    values: dict[str, Any] = {}
+    config_file = params.get("config_file")
+    if config_file:
+        try:
+            values.update(json.loads(Path(config_file).read_text()))
+        except FileNotFoundError:
+            raise CellP2PError(f"{config_file}: no such config file") from None
+        except (json.JSONDecodeError, UnicodeDecodeError) as err:
+            raise CellP2PError(f"{config_file}: not valid JSON ({err}); fix the file") from None
+        if not isinstance(values, dict):
+            raise CellP2PError(f"{config_file}: must hold a JSON object of options")
+    explicit = {}
+    for key, value in params.items():
+        if key not in names:
+            continue
+        if key == "receptive_field":
+            value = int(value)
+        if isinstance(value, Path):
+            value = str(value)
+        if ctx.get_parameter_source(key) in (
+            ParameterSource.COMMANDLINE,
+            ParameterSource.ENVIRONMENT,
+        ):
+            explicit[key] = value
+        values.setdefault(key, value)
+    values.update(explicit)
+    return TrainConfig.from_dict(values, str(config_file or "options")), explicit
+
+
+@main.command()
+@_apply(TRAIN_OPTIONS)
+@click.pass_context
+def train(ctx: click.Context, **params: Any) -> None:
+    """Train a U-Net baseline or a pix2pix cGAN; writes a run folder to --out.
+
+    \b
+    The run folder holds config.json, metrics.jsonl (one record per evaluation),
+    checkpoints/last.pt and best.pt, samples/*.png and loss_curve.png.
+    """
+    from cellp2p.train import train as train_fn
+
+    cfg, explicit = _train_config(ctx, params)
+    record = train_fn(cfg, params["out"], resume=params["resume"], resume_overrides=explicit)
+    shown = {k: round(v, 4) for k, v in record.items() if isinstance(v, float) and k != "time"}
+    click.echo(f"done: {params['out']} step {record.get('step')} {json.dumps(shown)}")
+
+
+# -- demo --------------------------------------------------------------------------------------
+
+
+@main.command()
+@click.option(
+    "--out",
+    type=click.Path(path_type=Path),
+    default=Path("demo_out"),
+    show_default=True,
+    help="Folder for everything the demo writes.",
+)
+@click.option(
+    "--manifest", help="Run on a real data set (e.g. isbi2012) instead of synthetic data."
+)
+@click.option("--steps", type=int, default=60, show_default=True, help="Training steps per model.")
+@click.option("--force", is_flag=True, help="Replace an earlier demo folder.")
+def demo(out: Path, manifest: str | None, steps: int, force: bool) -> None:
+    """Run the whole tool end to end on synthetic data (or a manifest) and say where results are."""
+    from cellp2p.demo import run_demo
+
+    where = run_demo(out, manifest=manifest, steps=steps, force=force, echo=click.echo)
+    click.echo(f"\nDemo results are in {where.resolve()}")
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

@@ -1,0 +1,1010 @@
+"""One training loop for both modes: the U-Net baseline and the pix2pix cGAN.
+
+Each mode supplies a step function returning a dict of floats; the loop owns data, logging,
+validation, checkpoints and resume. Randomness is derived from ``(seed, step)``, so a resumed
+run draws exactly the batches and dropout masks the uninterrupted run would have.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import random
+import signal
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+import cellp2p
+from cellp2p import io, validate
+from cellp2p.checkpoint import build_from_entry, load_checkpoint, model_entry, save_checkpoint
+from cellp2p.errors import CellP2PError
+from cellp2p.losses import (
+    GAN_MODES,
+    discriminator_loss,
+    generator_adv_loss,
+    gradient_penalty,
+    supervised_loss,
+)
+from cellp2p.models import build_model
+from cellp2p.predict import forward_full
+from cellp2p.runtime import autocast, resolve_precision, seed_everything, select_device
+from cellp2p.transforms import Normalization, parse_slices
+
+MODES = ("unet", "pix2pix")
+TASKS = ("segment", "translate")
+DIRECTIONS = ("AtoB", "BtoA")
+LABEL_MODES = ("auto", "binary", "nonzero", "multiclass")
+MAX_CLASSES = 16
+
+
+@dataclass
+class TrainConfig:
+    """Every option of a training run; saved in config.json and in every checkpoint."""
+
+    mode: str = "unet"
+    task: str = "segment"
+    direction: str = "AtoB"
+    preset: str = "small"
+    volume: str | None = None
+    labels: str | None = None
+    manifest: str | None = None
+    data_dir: str | None = None
+    train_slices: str | None = None
+    val_slices: str | None = None
+    labels_mode: str = "auto"
+    max_steps: int | None = None
+    epochs: int | None = None
+    batch_size: int = 4
+    crop: int = 256
+    lr: float | None = None
+    lr_decay_start: float = 0.5
+    loss: str | None = None
+    lambda_l1: float = 100.0
+    lambda_gan: float = 1.0
+    gan_mode: str = "vanilla"
+    unconditional: bool = False
+    receptive_field: int = 70
+    eval_every: int = 100
+    best_metric: str | None = None
+    augment: bool = True
+    elastic: bool = False
+    jitter: bool = False
+    norm_method: str = "percentile"
+    seed: int = 0
+    device: str = "auto"
+    precision: str = "auto"
+    deterministic: bool = False
+    num_workers: int = 0
+    quiet: bool = False
+    model_overrides: dict = field(default_factory=dict)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any], source: str = "config") -> TrainConfig:
+        """Build from JSON, refusing unknown keys and wrong types."""
+        known = {f.name: f for f in fields(cls)}
+        unknown = sorted(set(d) - set(known))
+        if unknown:
+            raise CellP2PError(
+                f"{source}: unknown option(s) {', '.join(unknown)}; check the spelling"
+            )
+        out = cls()
+        for key, value in d.items():
+            kinds = str(known[key].type).replace(" ", "").split("|")
+            if value is None and "None" in kinds:
+                pass
+            elif not any(_is_type(value, k) for k in kinds):
+                raise CellP2PError(
+                    f"{source}: option {key} should be {known[key].type}, got {value!r}"
+                )
+            setattr(out, key, value)
+        return out
+
+
+def _is_type(value: Any, kind: str) -> bool:
+    if kind == "bool" or isinstance(value, bool):
+        return kind == "bool" and isinstance(value, bool)
+    types = {"int": int, "float": (int, float), "str": str, "dict": dict}
+    return isinstance(value, types.get(kind, object))
+
+
+# -- data ------------------------------------------------------------------------------------
+
+
+@dataclass
+class PairedData:
+    """Normalised training and validation pairs in memory, (N, C, Y, X) float32."""
+
+    train_x: np.ndarray
+    train_y: np.ndarray
+    val_x: np.ndarray
+    val_y: np.ndarray
+    val_ids: list[int]
+    input_norm: Normalization
+    target_norm: Normalization | None
+    target_kind: str  # binary | multiclass | image
+    classes: list[int]
+    spacing: tuple[float, float, float] | None
+    sources: dict[str, str]
+
+    @property
+    def in_channels(self) -> int:
+        return self.train_x.shape[1]
+
+    @property
+    def out_channels(self) -> int:
+        if self.target_kind == "multiclass":
+            return len(self.classes)
+        return self.train_y.shape[1]
+
+
+def _resolve_sources(cfg: TrainConfig) -> tuple[Path, Path, list[int] | None, list[int] | None]:
+    """Volume/labels paths and the manifest's split (None when the user gives files)."""
+    if cfg.manifest:
+        if cfg.volume or cfg.labels:
+            raise CellP2PError("give either --manifest or --volume/--labels, not both")
+        from cellp2p.data import load_manifest, resolve_files
+
+        manifest = load_manifest(cfg.manifest)
+        files = resolve_files(manifest, Path(cfg.data_dir) if cfg.data_dir else None)
+        split = manifest.split or {}
+        train = _as_ids(split.get("train"))
+        val = _as_ids(split.get("val"))
+        return files["volume"], files["labels"], train, val
+    if not cfg.volume or not cfg.labels:
+        raise CellP2PError(
+            "no training data: give --volume V.tif --labels L.tif, or --manifest NAME "
+            "(e.g. isbi2012), or try 'cellp2p synth --out DIR' for a synthetic pair"
+        )
+    return Path(cfg.volume), Path(cfg.labels), None, None
+
+
+def _as_ids(value: Any) -> list[int] | None:
+    if value is None:
+        return None
+    if isinstance(value, str):
+        return parse_slices(value, 10**9)
+    return [int(v) for v in value]
+
+
+def _target_kind(labels: np.ndarray, path: Path, cfg: TrainConfig) -> tuple[str, list[int]]:
+    """binary / multiclass / image, and the class values."""
+    if cfg.task == "translate":
+        return "image", []
+    validate.check_grayscale(labels, path)
+    if cfg.labels_mode == "nonzero":
+        return "binary", [0, 1]
+    values = np.unique(labels)
+    if cfg.labels_mode == "binary" or len(values) <= 2:
+        validate.binary_labels(labels, path, "binary")
+        return "binary", [int(v) for v in values]
+    if cfg.labels_mode == "multiclass" or len(values) <= MAX_CLASSES:
+        if len(values) > 256:
+            raise CellP2PError(f"{path}: {len(values)} label values is too many classes")
+        return "multiclass", [int(v) for v in values]
+    raise CellP2PError(
+        f"{path}: labels have {len(values)} values (looks like instance labels); pass "
+        "--labels-mode nonzero to segment foreground = label > 0, or --task translate"
+    )
+
+
+def load_data(cfg: TrainConfig, norms: dict[str, Any] | None = None) -> PairedData:
+    """Read, validate, split and normalise the training pair."""
+    vpath, lpath, split_train, split_val = _resolve_sources(cfg)
+    volume = io.read_stack(vpath)
+    labels = io.read_stack(lpath)
+    validate.check_pair(volume.data.shape, labels.data.shape, vpath, lpath)
+    validate.check_finite(volume.data, vpath)
+    validate.check_finite(labels.data, lpath)
+    n = volume.data.shape[0]
+    train_ids = parse_slices(cfg.train_slices, n) if cfg.train_slices else split_train
+    val_ids = parse_slices(cfg.val_slices, n) if cfg.val_slices else split_val
+    if train_ids is None:
+        # Without a split, hold out the last fifth (at least one slice) when there are several.
+        n_val = max(1, n // 5) if n > 1 else 0
+        train_ids = list(range(n - n_val))
+        val_ids = val_ids if val_ids is not None else list(range(n - n_val, n)) or train_ids
+    if val_ids is None:
+        rest = [i for i in range(n) if i not in set(train_ids)]
+        val_ids = rest or train_ids[-1:]
+    for ids, what in ((train_ids, "train"), (val_ids, "val")):
+        bad = [i for i in ids if not 0 <= i < n]
+        if bad:
+            raise CellP2PError(f"{vpath}: {what} slice {bad[0]} is out of range (0-{n - 1})")
+
+    kind, classes = _target_kind(labels.data, lpath, cfg)
+    if kind == "binary":
+        mode = "nonzero" if cfg.labels_mode == "nonzero" else "binary"
+        target = validate.binary_labels(labels.data, lpath, mode).astype(np.float32)[:, None]
+    elif kind == "multiclass":
+        lut = {v: i for i, v in enumerate(classes)}
+        target = np.vectorize(lut.__getitem__, otypes=[np.float32])(labels.data)[:, None]
+    else:
+        target = labels.data if labels.data.ndim == 4 else labels.data[:, None]
+    source = volume.data if volume.data.ndim == 4 else volume.data[:, None]
+
+    if cfg.direction == "BtoA":
+        if cfg.task != "translate":
+            raise CellP2PError(
+                "--direction BtoA makes images from labels: use it with --task translate"
+            )
+        source, target = target, source
+    fit_ids = train_ids
+    if norms:
+        in_norm = Normalization.from_dict(norms["input"])
+        t_norm = Normalization.from_dict(norms["target"]) if norms.get("target") else None
+    else:
+        in_norm = Normalization.fit(source[fit_ids], cfg.norm_method)
+        t_norm = Normalization.fit(target[fit_ids], cfg.norm_method) if kind == "image" else None
+    x = in_norm.apply(source)
+    y = np.clip(t_norm.apply(target), 0.0, 1.0) if t_norm else target.astype(np.float32)
+    H, W = x.shape[-2:]
+    if cfg.crop > min(H, W):
+        raise CellP2PError(
+            f"--crop {cfg.crop} is larger than the slices of {vpath} ({H}x{W}); "
+            f"use --crop {min(H, W)} or smaller"
+        )
+    return PairedData(
+        train_x=x[train_ids],
+        train_y=y[train_ids],
+        val_x=x[val_ids],
+        val_y=y[val_ids],
+        val_ids=list(val_ids),
+        input_norm=in_norm,
+        target_norm=t_norm,
+        target_kind=kind,
+        classes=classes,
+        spacing=volume.spacing,
+        sources={"volume": str(vpath), "labels": str(lpath)},
+    )
+
+
+def make_augment(cfg: TrainConfig, target_kind: str) -> Callable[[dict], dict]:
+    """Paired MONAI dictionary transforms, drawn once and applied to input and target alike."""
+    from monai.transforms import (
+        Compose,
+        Rand2DElasticd,
+        RandFlipd,
+        RandRotate90d,
+        RandScaleIntensityd,
+        RandShiftIntensityd,
+        RandSpatialCropd,
+        Resized,
+    )
+
+    keys = ["image", "target"]
+    nearest = "nearest" if target_kind != "image" else "bilinear"
+    ts: list = []
+    if cfg.jitter:  # the pix2pix paper's jitter: resize to 286/256 of the crop, random crop back
+        big = round(cfg.crop * 286 / 256)
+        ts.append(RandSpatialCropd(keys, roi_size=(cfg.crop, cfg.crop), random_size=False))
+        ts.append(Resized(keys, spatial_size=(big, big), mode=("bilinear", nearest)))
+    ts.append(RandSpatialCropd(keys, roi_size=(cfg.crop, cfg.crop), random_size=False))
+    if cfg.augment:
+        ts += [
+            RandFlipd(keys, prob=0.5, spatial_axis=0),
+            RandFlipd(keys, prob=0.5, spatial_axis=1),
+            RandRotate90d(keys, prob=0.5, max_k=3),
+        ]
+        if cfg.elastic:  # as the U-Net paper did for ISBI 2012
+            ts.append(
+                Rand2DElasticd(
+                    keys,
+                    spacing=(max(8, cfg.crop // 8),) * 2,
+                    magnitude_range=(1.0, 3.0),
+                    prob=0.5,
+                    mode=("bilinear", nearest),
+                    padding_mode="reflection",
+                )
+            )
+        ts += [
+            RandScaleIntensityd("image", factors=0.1, prob=0.5),
+            RandShiftIntensityd("image", offsets=0.1, prob=0.5),
+        ]
+    return Compose(ts)
+
+
+class StepBatches(torch.utils.data.Dataset):
+    """Item ``step`` is the whole batch for that step, a pure function of (seed, step)."""
+
+    def __init__(self, data: PairedData, cfg: TrainConfig):
+        self.x, self.y = data.train_x, data.train_y
+        self.cfg = cfg
+        self.augment = make_augment(cfg, data.target_kind)
+
+    def __len__(self) -> int:
+        return 2**62
+
+    def __getitem__(self, step: int) -> tuple[torch.Tensor, torch.Tensor]:
+        rng = np.random.default_rng([self.cfg.seed, step])
+        xs, ys = [], []
+        for i in rng.integers(0, len(self.x), size=self.cfg.batch_size):
+            self.augment.set_random_state(seed=int(rng.integers(2**31)))
+            item = self.augment({"image": self.x[i], "target": self.y[i]})
+            xs.append(torch.as_tensor(np.asarray(item["image"]), dtype=torch.float32))
+            ys.append(torch.as_tensor(np.asarray(item["target"]), dtype=torch.float32))
+        return torch.stack(xs), torch.stack(ys)
+
+
+# -- the two modes -----------------------------------------------------------------------------
+
+
+def to_model_range(x: torch.Tensor) -> torch.Tensor:
+    """[0, 1] → [-1, 1], the range the tanh generator works in (used for every input)."""
+    return x * 2 - 1
+
+
+def center_to(t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """Centre-crop ``t`` to the spatial size of ``like`` (valid-convolution outputs are smaller)."""
+    dh, dw = t.shape[-2] - like.shape[-2], t.shape[-1] - like.shape[-1]
+    if dh == 0 and dw == 0:
+        return t
+    return t[..., dh // 2 : dh // 2 + like.shape[-2], dw // 2 : dw // 2 + like.shape[-1]]
+
+
+class Mode:
+    """A training mode: its networks, optimizers and one step."""
+
+    nets: dict[str, nn.Module]
+    optims: dict[str, torch.optim.Optimizer]
+
+    def step(self, x: torch.Tensor, y: torch.Tensor) -> dict[str, torch.Tensor]:
+        raise NotImplementedError
+
+    def predict(self, x: torch.Tensor) -> torch.Tensor:
+        """Network output mapped to [0, 1] (probabilities or a normalised image)."""
+        raise NotImplementedError
+
+    @property
+    def main(self) -> nn.Module:
+        return next(iter(self.nets.values()))
+
+
+class UNetMode(Mode):
+    """The baseline: a U-Net trained with a supervised loss."""
+
+    def __init__(self, cfg: TrainConfig, data: PairedData, device: torch.device, precision: str):
+        self.kind = data.target_kind
+        overrides = dict(cfg.model_overrides)
+        net = build_model("unet", cfg.preset, data.in_channels, data.out_channels, **overrides)
+        self.nets = {"unet": net.to(device)}
+        loss_name = cfg.loss or ("bcedice" if self.kind != "image" else "l1")
+        self.loss = supervised_loss(
+            loss_name, len(data.classes) if self.kind == "multiclass" else 2
+        )
+        lr = cfg.lr if cfg.lr is not None else 1e-3
+        self.optims = {"unet": torch.optim.Adam(net.parameters(), lr=lr)}
+        self.device, self.precision = device, precision
+
+    def step(self, x: torch.Tensor, y: torch.Tensor) -> dict[str, torch.Tensor]:
+        net, opt = self.nets["unet"], self.optims["unet"]
+        opt.zero_grad(set_to_none=True)
+        with autocast(self.device, self.precision):
+            out = net(to_model_range(x))
+            loss = self.loss(out.float(), center_to(y, out))
+        loss.backward()
+        opt.step()
+        return {"loss": loss.detach()}
+
+    def predict(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.nets["unet"](to_model_range(x)).float()
+        if self.kind == "binary":
+            return torch.sigmoid(out)
+        if self.kind == "multiclass":
+            return torch.softmax(out, dim=1)
+        return out
+
+
+class Pix2PixMode(Mode):
+    """pix2pix: U-Net generator + PatchGAN, adversarial + λ·L1 (Isola et al. 2017)."""
+
+    def __init__(self, cfg: TrainConfig, data: PairedData, device: torch.device, precision: str):
+        if cfg.gan_mode not in GAN_MODES:
+            raise CellP2PError(
+                f"--gan-mode {cfg.gan_mode!r} unknown; use one of {', '.join(GAN_MODES)}"
+            )
+        if data.target_kind == "multiclass":
+            raise CellP2PError(
+                "pix2pix learns the label map as an image: use --labels-mode binary/nonzero, "
+                "or --task translate for multi-valued label maps"
+            )
+        overrides = dict(cfg.model_overrides)
+        g = build_model("generator", cfg.preset, data.in_channels, data.out_channels, **overrides)
+        d_in = data.out_channels + (0 if cfg.unconditional else data.in_channels)
+        d = build_model(
+            "discriminator",
+            cfg.preset,
+            d_in,
+            1,
+            receptive_field=cfg.receptive_field,
+            conditional=not cfg.unconditional,
+        )
+        self.nets = {"generator": g.to(device), "discriminator": d.to(device)}
+        lr = cfg.lr if cfg.lr is not None else 2e-4
+        betas = (0.5, 0.999)
+        self.optims = {
+            "generator": torch.optim.Adam(g.parameters(), lr=lr, betas=betas),
+            "discriminator": torch.optim.Adam(d.parameters(), lr=lr, betas=betas),
+        }
+        self.cfg, self.device, self.precision = cfg, device, precision
+        self.use_gan = cfg.lambda_gan > 0
+
+    def _d_input(self, x: torch.Tensor, img: torch.Tensor) -> torch.Tensor:
+        return img if self.cfg.unconditional else torch.cat([center_to(x, img), img], dim=1)
+
+    def step(self, x: torch.Tensor, y: torch.Tensor) -> dict[str, torch.Tensor]:
+        g, d = self.nets["generator"], self.nets["discriminator"]
+        og, od = self.optims["generator"], self.optims["discriminator"]
+        cfg = self.cfg
+        x, y = to_model_range(x), to_model_range(y)
+        logs: dict[str, torch.Tensor] = {}
+        with autocast(self.device, self.precision):
+            fake = g(x)
+        y = center_to(y, fake)
+        if self.use_gan:
+            # D first, on the detached fake; its objective halved as in the paper.
+            d.requires_grad_(True)
+            od.zero_grad(set_to_none=True)
+            with autocast(self.device, self.precision):
+                real_pair, fake_pair = self._d_input(x, y), self._d_input(x, fake.detach())
+                loss_d = 0.5 * discriminator_loss(
+                    cfg.gan_mode, d(real_pair).float(), d(fake_pair).float()
+                )
+            if cfg.gan_mode == "wgangp":
+                loss_d = loss_d + 10.0 * gradient_penalty(d, real_pair.float(), fake_pair.float())
+            loss_d.backward()
+            od.step()
+            logs["loss_d"] = loss_d.detach()
+            d.requires_grad_(False)  # G's step must not move D
+        og.zero_grad(set_to_none=True)
+        with autocast(self.device, self.precision):
+            total = torch.zeros((), device=x.device)
+            if self.use_gan:
+                adv = generator_adv_loss(cfg.gan_mode, d(self._d_input(x, fake)).float())
+                total = total + cfg.lambda_gan * adv
+                logs["loss_g_gan"] = adv.detach()
+            if cfg.lambda_l1 > 0:
+                l1 = torch.nn.functional.l1_loss(fake.float(), y)
+                total = total + cfg.lambda_l1 * l1
+                logs["loss_g_l1"] = l1.detach()
+        total.backward()
+        og.step()
+        logs["loss_g"] = total.detach()
+        return logs
+
+    def predict(self, x: torch.Tensor) -> torch.Tensor:
+        return (self.nets["generator"](to_model_range(x)).float() + 1) / 2
+
+
+def make_mode(cfg: TrainConfig, data: PairedData, device: torch.device, precision: str) -> Mode:
+    if cfg.mode == "unet":
+        return UNetMode(cfg, data, device, precision)
+    if cfg.mode == "pix2pix":
+        return Pix2PixMode(cfg, data, device, precision)
+    raise CellP2PError(f"--mode {cfg.mode!r} unknown; use one of {', '.join(MODES)}")
+
+
+# -- validation, records -----------------------------------------------------------------------
+
+
+def default_best_metric(cfg: TrainConfig, target_kind: str) -> str:
+    return "psnr" if target_kind == "image" else "pixel_error"
+
+
+def validate_run(mode: Mode, data: PairedData, device: torch.device) -> tuple[dict, np.ndarray]:
+    """Metrics on whole held-out slices (not crops), and the predictions in [0, 1]."""
+    from cellp2p import metrics
+
+    preds = []
+    net = mode.main
+    was_training = net.training
+    for m in mode.nets.values():
+        m.eval()
+    with torch.inference_mode():
+        for x in data.val_x:
+            xt = torch.from_numpy(x[None]).to(device)
+            preds.append(forward_full(mode.predict, net, xt)[0].cpu().numpy())
+    if was_training:
+        for m in mode.nets.values():
+            m.train()
+    pred = np.stack(preds)
+    out: dict[str, float] = {}
+    if data.target_kind == "binary":
+        p, t = pred[:, 0] >= 0.5, data.val_y[:, 0] >= 0.5
+        out["pixel_error"] = float(
+            np.mean([metrics.pixel_error(a, b) for a, b in zip(p, t, strict=True)])
+        )
+        per = [
+            metrics.dice_iou(a.astype(np.int64), b.astype(np.int64), 2)
+            for a, b in zip(p, t, strict=True)
+        ]
+    elif data.target_kind == "multiclass":
+        p, t = pred.argmax(1), data.val_y[:, 0].astype(np.int64)
+        out["pixel_error"] = float(np.mean(p != t))
+        per = [metrics.dice_iou(a, b, len(data.classes)) for a, b in zip(p, t, strict=True)]
+    else:
+        p = np.clip(pred, 0, 1)
+        per = [
+            {
+                "l1": metrics.mae(a[c], b[c]),
+                "psnr": metrics.psnr(a[c], b[c], data_range=1.0),
+                "ssim": metrics.ssim(a[c], b[c], data_range=1.0),
+            }
+            for a, b in zip(p, data.val_y, strict=True)
+            for c in range(a.shape[0])
+        ]
+    for key in per[0]:
+        out[key] = float(np.mean([row[key] for row in per]))
+    return out, pred
+
+
+def _to_uint8(img: np.ndarray) -> np.ndarray:
+    img = img[0] if img.ndim == 3 and img.shape[0] not in (3,) else img
+    if img.ndim == 3:
+        img = np.moveaxis(img, 0, -1)
+    lo, hi = np.percentile(img, [0.5, 99.5]) if img.size else (0, 1)
+    hi = hi if hi > lo else lo + 1
+    return (np.clip((img - lo) / (hi - lo), 0, 1) * 255).astype(np.uint8)
+
+
+def save_panel(path: Path, images: list[np.ndarray]) -> None:
+    """input | target | prediction … side by side as one PNG."""
+    from PIL import Image
+
+    tiles = [_to_uint8(im) for im in images]
+    tiles = [np.repeat(t[..., None], 3, -1) if t.ndim == 2 else t for t in tiles]
+    h = max(t.shape[0] for t in tiles)
+    gap = np.full((h, 4, 3), 255, np.uint8)
+    row = []
+    for t in tiles:
+        pad = np.zeros((h, t.shape[1], 3), np.uint8)
+        pad[: t.shape[0]] = t
+        row += [pad, gap]
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(np.concatenate(row[:-1], axis=1)).save(path)
+
+
+def plot_curves(path: Path, records: list[dict], title: str = "") -> None:
+    """Loss terms and validation metrics against step, one PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    if not records:
+        return
+    steps = [r["step"] for r in records]
+    loss_keys = [k for k in records[-1] if k.startswith("loss")]
+    val_keys = [k for k in records[-1] if k.startswith("val_")]
+    fig, axes = plt.subplots(1, 2, figsize=(10, 3.5))
+    for k in loss_keys:
+        axes[0].plot(steps, [r.get(k, np.nan) for r in records], label=k)
+    axes[0].set_xlabel("step")
+    axes[0].set_title("training losses")
+    axes[0].legend(fontsize=8)
+    for k in val_keys:
+        axes[1].plot(steps, [r.get(k, np.nan) for r in records], label=k)
+    axes[1].set_xlabel("step")
+    axes[1].set_title("validation")
+    axes[1].legend(fontsize=8)
+    fig.suptitle(title)
+    fig.tight_layout()
+    tmp = path.with_name(f".{path.name}.part.png")
+    fig.savefig(tmp, dpi=80)
+    plt.close(fig)
+    os.replace(tmp, path)
+
+
+def versions(device: torch.device) -> dict[str, str]:
+    import monai
+
+    return {
+        "cellp2p": cellp2p.__version__,
+        "torch": torch.__version__,
+        "monai": monai.__version__,
+        "numpy": np.__version__,
+        "python": sys.version.split()[0],
+        "device": str(device),
+    }
+
+
+# -- the loop ----------------------------------------------------------------------------------
+
+
+def lr_factor(step: int, total: int, decay_start: float) -> float:
+    """Constant, then linear decay to 0 over the last ``1 - decay_start`` of the steps."""
+    start = int(total * decay_start)
+    if step < start or total <= start:
+        return 1.0
+    return max(0.0, 1.0 - (step - start) / (total - start))
+
+
+def total_steps(cfg: TrainConfig, data: PairedData) -> int:
+    """--max-steps, or --epochs where an epoch is enough crops to cover the training slices once."""
+    if cfg.max_steps is not None:
+        return cfg.max_steps
+    H, W = data.train_x.shape[-2:]
+    per_epoch = math.ceil(len(data.train_x) * H * W / (cfg.crop * cfg.crop) / cfg.batch_size)
+    return (cfg.epochs or 1) * max(1, per_epoch)
+
+
+def check_config(cfg: TrainConfig) -> None:
+    """Option values and combinations, before anything is read or written."""
+    if cfg.mode not in MODES:
+        raise CellP2PError(f"--mode {cfg.mode!r} unknown; use one of {', '.join(MODES)}")
+    if cfg.task not in TASKS:
+        raise CellP2PError(f"--task {cfg.task!r} unknown; use one of {', '.join(TASKS)}")
+    if cfg.direction not in DIRECTIONS:
+        raise CellP2PError(f"--direction {cfg.direction!r} unknown; use AtoB or BtoA")
+    if cfg.labels_mode not in LABEL_MODES:
+        raise CellP2PError(f"--labels-mode {cfg.labels_mode!r} unknown; use one of {LABEL_MODES}")
+    for name in ("batch_size", "crop", "eval_every"):
+        if getattr(cfg, name) <= 0:
+            raise CellP2PError(
+                f"--{name.replace('_', '-')} must be positive, got {getattr(cfg, name)}"
+            )
+    if cfg.max_steps is not None and cfg.max_steps <= 0:
+        raise CellP2PError(f"--max-steps must be positive, got {cfg.max_steps}")
+    if cfg.epochs is not None and cfg.epochs <= 0:
+        raise CellP2PError(f"--epochs must be positive, got {cfg.epochs}")
+    if cfg.lr is not None and not cfg.lr > 0:
+        raise CellP2PError(f"--lr must be positive, got {cfg.lr}")
+    if cfg.lambda_l1 < 0 or cfg.lambda_gan < 0:
+        raise CellP2PError("--lambda-l1 and --lambda-gan must be >= 0")
+    if cfg.mode == "pix2pix" and cfg.lambda_l1 == 0 and cfg.lambda_gan == 0:
+        raise CellP2PError("--lambda-l1 0 with --lambda-gan 0 leaves nothing to train; set one > 0")
+    if cfg.receptive_field not in (1, 16, 70, 286):
+        raise CellP2PError(f"--receptive-field {cfg.receptive_field}: use 1, 16, 70 or 286")
+    if not 0 <= cfg.lr_decay_start <= 1:
+        raise CellP2PError("--lr-decay-start is a fraction of the run in [0, 1]")
+    if cfg.direction == "BtoA" and cfg.task != "translate":
+        raise CellP2PError(
+            "--direction BtoA makes images from labels: use it with --task translate"
+        )
+
+
+class RunLock:
+    """An exclusive lock file in the run folder: two runs on one --out would corrupt each other."""
+
+    def __init__(self, out: Path):
+        self.path = out / ".lock"
+
+    def __enter__(self) -> RunLock:
+        import fcntl
+
+        self._fh = open(self.path, "a+")
+        try:
+            fcntl.flock(self._fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            self._fh.close()
+            raise CellP2PError(
+                f"{self.path.parent}: another training run is using this folder; "
+                "wait for it to finish or choose another --out"
+            ) from None
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._fh.close()
+
+
+def train(
+    cfg: TrainConfig,
+    out: str | Path,
+    *,
+    resume: bool = False,
+    resume_overrides: dict[str, Any] | None = None,
+    stop_after: int | None = None,
+    progress: Callable[..., Any] | None = None,
+) -> dict[str, Any]:
+    """Train a run into ``out``; returns the final metrics record.
+
+    ``resume`` continues the run in ``out`` with its saved config, changed only by
+    ``resume_overrides`` (e.g. a larger ``max_steps``). ``stop_after`` ends the run early at
+    that step (as an interruption would), keeping the schedule of the full run.
+    """
+    out = Path(out)
+    ckpt_dir = out / "checkpoints"
+    ckpt = None
+    if resume:
+        if not (ckpt_dir / "last.pt").is_file():
+            raise CellP2PError(
+                f"{out}: --resume needs {ckpt_dir / 'last.pt'}, which does not exist; "
+                "start without --resume or point --out at an earlier run"
+            )
+        ckpt = load_checkpoint(ckpt_dir / "last.pt")
+        saved = TrainConfig.from_dict(ckpt["train_config"], str(ckpt_dir / "last.pt"))
+        cfg = TrainConfig.from_dict({**asdict(saved), **(resume_overrides or {})}, "--resume")
+    check_config(cfg)
+    if not resume and ckpt_dir.joinpath("last.pt").exists():
+        raise CellP2PError(
+            f"{out}: already holds a run; pass --resume to continue it or choose another --out"
+        )
+    device = select_device(cfg.device)
+    precision = resolve_precision(cfg.precision, device)
+    seed_everything(cfg.seed, cfg.deterministic)
+    data = load_data(cfg, ckpt["normalization"] if ckpt else None)
+    mode = make_mode(cfg, data, device, precision)
+    steps = total_steps(cfg, data)
+    best_metric = cfg.best_metric or default_best_metric(cfg, data.target_kind)
+    lower_better = best_metric in ("pixel_error", "l1")
+    start, best, records = 0, None, []
+    if ckpt:
+        for name, net in mode.nets.items():
+            net.load_state_dict(build_from_entry(ckpt["models"][name], ckpt["path"]).state_dict())
+        for name, opt in mode.optims.items():
+            opt.load_state_dict(ckpt["optimizers"][name])
+        start, best = int(ckpt["step"]), ckpt.get("best")
+        random.setstate(_tuple_state(ckpt["rng"]["python"]))
+        records = _read_records(out / "metrics.jsonl", start)
+    scheds = {
+        k: torch.optim.lr_scheduler.LambdaLR(
+            o, lambda s: lr_factor(s, steps, cfg.lr_decay_start), last_epoch=start - 1
+        )
+        for k, o in mode.optims.items()
+    }
+    if ckpt:
+        for k, s in scheds.items():
+            s.load_state_dict(ckpt["schedulers"][k])
+    for net in mode.nets.values():
+        net.train()
+
+    out.mkdir(parents=True, exist_ok=True)
+    with RunLock(out):
+        meta = {**asdict(cfg), "total_steps": steps, "best_metric": best_metric}
+        meta.update(versions=versions(device), precision=precision, world_size=1)
+        meta.update(data={**data.sources, "target_kind": data.target_kind, "classes": data.classes})
+        _write_json(out / "config.json", meta)
+        return _loop(
+            cfg,
+            out,
+            mode,
+            data,
+            scheds,
+            steps,
+            start,
+            best,
+            best_metric,
+            lower_better,
+            records,
+            device,
+            stop_after,
+            progress,
+        )
+
+
+def _tuple_state(state: Any) -> Any:
+    return tuple(_tuple_state(s) for s in state) if isinstance(state, list) else state
+
+
+def _read_records(path: Path, upto: int) -> list[dict]:
+    """Keep the records up to the checkpoint (later ones belong to steps being redone)."""
+    if not path.exists():
+        return []
+    records = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    records = [r for r in records if r["step"] <= upto]
+    path.write_text("".join(json.dumps(r) + "\n" for r in records))
+    return records
+
+
+def _write_json(path: Path, obj: Any) -> None:
+    tmp = path.with_name(f".{path.name}.part")
+    tmp.write_text(json.dumps(obj, indent=2, default=str) + "\n")
+    os.replace(tmp, path)
+
+
+def _loop(
+    cfg,
+    out,
+    mode,
+    data,
+    scheds,
+    steps,
+    start,
+    best,
+    best_metric,
+    lower_better,
+    records,
+    device,
+    stop_after,
+    progress,
+) -> dict[str, Any]:
+    from tqdm import tqdm
+
+    loader = torch.utils.data.DataLoader(
+        StepBatches(data, cfg),
+        batch_size=None,
+        sampler=range(start + 1, steps + 1),
+        num_workers=cfg.num_workers,
+        pin_memory=device.type == "cuda",
+        persistent_workers=False,
+    )
+    end = min(steps, stop_after) if stop_after else steps
+    bar = tqdm(
+        total=end,
+        initial=start,
+        disable=cfg.quiet,
+        dynamic_ncols=True,
+        desc=cfg.mode,
+        file=sys.stderr,
+    )
+    sums: dict[str, torch.Tensor] = {}
+    n_since, t_since = 0, time.perf_counter()
+    interrupted = False
+    previous = signal.getsignal(signal.SIGINT)
+
+    def on_sigint(signum: int, frame: Any) -> None:  # finish the step, then checkpoint
+        nonlocal interrupted
+        interrupted = True
+
+    if threading_is_main():
+        signal.signal(signal.SIGINT, on_sigint)
+    record: dict[str, Any] = records[-1] if records else {}
+    step = start
+    try:
+        for step, (x, y) in zip(range(start + 1, end + 1), loader, strict=False):
+            # Dropout masks and D's interpolates depend on (seed, step) only: resume is exact.
+            torch.manual_seed(cfg.seed * 1_000_003 + step)
+            x = x.to(device, non_blocking=True)
+            y = y.to(device, non_blocking=True)
+            logs = mode.step(x, y)
+            for k, v in logs.items():
+                sums[k] = sums.get(k, 0) + v
+            n_since += 1
+            for s in scheds.values():
+                s.step()
+            bar.update(1)
+            if step % cfg.eval_every == 0 or step == end or interrupted:
+                elapsed = time.perf_counter() - t_since
+                losses = {k: float(v) / n_since for k, v in sums.items()}
+                record, best = _evaluate(
+                    cfg,
+                    out,
+                    mode,
+                    data,
+                    scheds,
+                    step,
+                    steps,
+                    losses,
+                    n_since * cfg.batch_size / max(elapsed, 1e-9),
+                    best,
+                    best_metric,
+                    lower_better,
+                    records,
+                    device,
+                )
+                bar.set_postfix({k: f"{v:.3g}" for k, v in losses.items()})
+                if cfg.quiet:
+                    print(_log_line(record), file=sys.stderr, flush=True)
+                if progress:
+                    progress(record)
+                sums, n_since, t_since = {}, 0, time.perf_counter()
+            if interrupted:
+                print(
+                    f"interrupted at step {step}: checkpoint written to {out}/checkpoints/last.pt",
+                    file=sys.stderr,
+                )
+                break
+    finally:
+        bar.close()
+        if threading_is_main():
+            signal.signal(signal.SIGINT, previous)
+    if interrupted:
+        raise KeyboardInterrupt
+    return record
+
+
+def threading_is_main() -> bool:
+    import threading
+
+    return threading.current_thread() is threading.main_thread()
+
+
+def _log_line(record: dict) -> str:
+    parts = [f"step {record['step']}"]
+    parts += [f"{k} {v:.4g}" for k, v in record.items() if isinstance(v, float)]
+    return " | ".join(parts)
+
+
+def _evaluate(
+    cfg,
+    out,
+    mode,
+    data,
+    scheds,
+    step,
+    steps,
+    losses,
+    ips,
+    best,
+    best_metric,
+    lower_better,
+    records,
+    device,
+) -> tuple[dict, dict | None]:
+    """Validate, write the record, the sample panel, the curve and the checkpoints."""
+    val, pred = validate_run(mode, data, device)
+    H, W = data.train_x.shape[-2:]
+    per_epoch = max(1, math.ceil(len(data.train_x) * H * W / (cfg.crop**2) / cfg.batch_size))
+    record = {
+        "step": step,
+        "epoch": step / per_epoch,
+        **losses,
+        **{f"val_{k}": v for k, v in val.items()},
+        "images_per_s": ips,
+        "lr": scheds[next(iter(scheds))].get_last_lr()[0],
+        "time": time.time(),
+    }
+    value = val.get(best_metric)
+    if value is None:
+        raise CellP2PError(
+            f"--best-metric {best_metric}: not computed; choose one of {sorted(val)}"
+        )
+    improved = best is None or (value < best["value"] if lower_better else value > best["value"])
+    if improved:
+        best = {"metric": best_metric, "value": float(value), "step": step}
+    payload = {
+        "mode": cfg.mode,
+        "task": cfg.task,
+        "train_config": asdict(cfg),
+        "models": {name: model_entry(net) for name, net in mode.nets.items()},
+        "optimizers": {k: o.state_dict() for k, o in mode.optims.items()},
+        "schedulers": {k: s.state_dict() for k, s in scheds.items()},
+        "scaler": None,
+        "normalization": {
+            "input": data.input_norm.to_dict(),
+            "target": data.target_norm.to_dict() if data.target_norm else None,
+        },
+        "data": {
+            "in_channels": data.in_channels,
+            "out_channels": data.out_channels,
+            "target_kind": data.target_kind,
+            "classes": data.classes,
+            "spacing": list(data.spacing) if data.spacing else None,
+            "crop": cfg.crop,
+        },
+        "step": step,
+        "total_steps": steps,
+        "best": best,
+        "rng": {
+            "python": _listify(random.getstate()),
+            "numpy": _listify(np.random.get_state()),
+            "torch": torch.get_rng_state(),
+        },
+        "versions": versions(device),
+        "record": record,
+    }
+    save_checkpoint(out / "checkpoints" / "last.pt", payload)
+    if improved:
+        save_checkpoint(out / "checkpoints" / "best.pt", payload)
+    with open(out / "metrics.jsonl", "a") as fh:
+        fh.write(json.dumps(record) + "\n")
+    records.append(record)
+    x0 = data.val_x[0]
+    target = data.val_y[0]
+    shown = pred[0][1:2] if data.target_kind == "binary" and pred.shape[1] > 1 else pred[0]
+    if data.target_kind == "multiclass":
+        shown = pred[0].argmax(0)[None].astype(np.float32)
+    save_panel(out / "samples" / f"step_{step:07d}.png", [x0, center_to_np(target, shown), shown])
+    plot_curves(out / "loss_curve.png", records, f"{cfg.mode} ({cfg.task}, {cfg.preset})")
+    return record, best
+
+
+def center_to_np(a: np.ndarray, like: np.ndarray) -> np.ndarray:
+    dh, dw = a.shape[-2] - like.shape[-2], a.shape[-1] - like.shape[-1]
+    return a[..., dh // 2 : dh // 2 + like.shape[-2], dw // 2 : dw // 2 + like.shape[-1]]
+
+
+def _listify(state: Any) -> Any:
+    if isinstance(state, tuple | list):
+        return [_listify(s) for s in state]
+    if isinstance(state, np.ndarray):
+        return state.tolist()
+    return state

@@ -1,0 +1,559 @@
+"""Segmentation and translation metrics: pure functions on numpy arrays.
+
+Segmentation follows the ISBI 2012 EM challenge (Arganda-Carreras et al. 2015, Front. Neuroanat.
+9:142, and Fiji's ``trainableSegmentation.metrics`` classes that scored it): labels > 0 are cell
+interiors, 0 is membrane/boundary. Translation metrics (PSNR, SSIM) use MONAI.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+from scipy.optimize import linear_sum_assignment
+from skimage.measure import label as _cc_label
+from skimage.segmentation import watershed
+
+from cellp2p.errors import CellP2PError
+
+# The challenge script sweeps 0.0, 0.1, ..., 1.0 with `prob > t`; its last step (0.9999999999999999
+# by float accumulation) only keeps pixels at exactly 1.0, so we stop at 0.9.
+DEFAULT_THRESHOLDS: tuple[float, ...] = tuple(round(0.1 * k, 1) for k in range(10))
+
+SSIM_WIN = 11  # Wang et al. 2004 / skimage gaussian_weights: sigma 1.5, truncate 3.5 -> 11 taps
+SSIM_SIGMA = 1.5
+
+_ISBI_KEYS = (
+    "v_rand",
+    "v_rand_split",
+    "v_rand_merge",
+    "v_rand_threshold",
+    "v_info",
+    "v_info_split",
+    "v_info_merge",
+    "v_info_threshold",
+)
+
+
+# ---------------------------------------------------------------------------------------------
+# pixel and class overlap
+# ---------------------------------------------------------------------------------------------
+
+
+def _same_shape(a: np.ndarray, b: np.ndarray, what: str) -> None:
+    """Raise a user-facing error when two arrays differ in shape."""
+    if a.shape != b.shape:
+        raise CellP2PError(f"{what}: prediction shape {a.shape} != target shape {b.shape}")
+
+
+def pixel_error(pred: np.ndarray, target: np.ndarray) -> float:
+    """Fraction of pixels where foreground (value > 0) differs between pred and target."""
+    pred, target = np.asarray(pred), np.asarray(target)
+    _same_shape(pred, target, "pixel_error")
+    if pred.size == 0:
+        raise CellP2PError("pixel_error: empty arrays")
+    return float(np.count_nonzero((pred > 0) != (target > 0)) / pred.size)
+
+
+def dice_iou(pred: np.ndarray, target: np.ndarray, num_classes: int = 2) -> dict[str, float]:
+    """Per-class Dice and IoU of integer class maps of any shape; a class absent in both is 1.0."""
+    pred, target = np.asarray(pred), np.asarray(target)
+    _same_shape(pred, target, "dice_iou")
+    out: dict[str, float] = {}
+    for c in range(num_classes):
+        p, t = pred == c, target == c
+        inter = int(np.count_nonzero(p & t))
+        total = int(np.count_nonzero(p)) + int(np.count_nonzero(t))
+        # Nothing of class c anywhere: no disagreement, so a perfect score rather than 0/0.
+        out[f"dice_{c}"] = 1.0 if total == 0 else 2.0 * inter / total
+        out[f"iou_{c}"] = 1.0 if total == 0 else inter / (total - inter)
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# ISBI 2012 foreground-restricted Rand and information scores
+# ---------------------------------------------------------------------------------------------
+
+
+def _check_labels(a: np.ndarray, name: str) -> np.ndarray:
+    """Return an int64 label image, rejecting non-integer or negative values."""
+    a = np.asarray(a)
+    if a.dtype == bool:
+        return a.astype(np.int64)
+    if not np.issubdtype(a.dtype, np.integer) and not (
+        np.all(np.isfinite(a)) and np.all(a == np.round(a))
+    ):
+        raise CellP2PError(f"{name}: label image must hold integer segment ids, got {a.dtype}")
+    a = a.astype(np.int64)
+    if a.size and a.min() < 0:
+        raise CellP2PError(f"{name}: segment ids must be >= 0 (0 = boundary/background)")
+    return a
+
+
+def _counts(values: np.ndarray) -> np.ndarray:
+    """Multiplicities of the distinct values of a non-negative int64 array, in any order."""
+    if values.size == 0:
+        return np.zeros(0, dtype=np.int64)
+    if int(values.max()) <= max(8 * values.size, 1 << 20):
+        c = np.bincount(values)  # O(n + max) and no sort: the common case of compact ids
+        return c[c > 0]
+    return np.unique(values, return_counts=True)[1]
+
+
+def _xlogx_sum(counts: np.ndarray) -> float:
+    """Sum of c*log(c) over positive counts (0 log 0 = 0)."""
+    c = counts[counts > 0].astype(np.float64)
+    return float(np.sum(c * np.log(c)))
+
+
+def rand_info_scores(proposal: np.ndarray, gt: np.ndarray) -> dict[str, float]:
+    """ISBI 2012 foreground-restricted V_rand / V_info (and split/merge parts) of two label images.
+
+    Notation (challenge paper): S = proposal, T = ground truth, p_ij = joint probability that a
+    pixel is in proposal segment i and gt segment j, s_i = sum_j p_ij (proposal sizes),
+    t_j = sum_i p_ij (gt sizes). Conventions, as Fiji's RandError / VariationOfInformation
+    ``foregroundRestricted*`` code that scored the challenge:
+
+    * only pixels with gt > 0 count (the gt's membrane is pruned out; N = their number);
+    * proposal pixels labelled 0 inside the gt foreground are each their own singleton segment
+      (they add 1/N^2 to both sum p_ij^2 and sum s_i^2, and (1/N) log N to H(S) and H(S,T)),
+      so an unassigned pixel is never "correctly grouped" with anything;
+    * V_rand = 2 sum p_ij^2 / (sum s_i^2 + sum t_j^2); V_rand_split = sum p_ij^2 / sum t_j^2
+      (gt marginal: drops when the proposal splits gt cells); V_rand_merge = sum p_ij^2 /
+      sum s_i^2 (proposal marginal: drops when the proposal merges cells). V_rand is the
+      harmonic mean of split and merge. Fiji calls merge "precision" and split "recall".
+    * V_info = 2 I(S;T) / (H(S) + H(T)); V_info_split = I(S;T) / H(S) (oversegmentation raises
+      H(S)); V_info_merge = I(S;T) / H(T) (undersegmentation loses information about T).
+      0/0 is taken as 1 (H(S) = 0 means one proposal segment: nothing was split), which makes
+      V_info the harmonic mean of split and merge in every case. Fiji's own degenerate-case
+      branch differs (it sets the gt-side ratio to 1 and the other to 0 when H(S) = 0).
+    * Everything is "higher is better" in [0, 1]; an image without gt foreground scores 1.0.
+
+    Relation to ``skimage.metrics.adapted_rand_error(gt, proposal)`` (ignore_labels=(0,)):
+    with P = sum n_ij^2, S2 = sum s_i^2, T2 = sum t_j^2 in pixel counts, skimage counts ordered
+    pairs of *distinct* pixels, i.e. it subtracts N from each sum: its ``precision`` =
+    (P - N)/(T2 - N) is the analogue of our *split* score and its ``recall`` = (P - N)/(S2 - N)
+    of our *merge* score (the names are swapped relative to the challenge's split/merge and to
+    Fiji's precision/recall), and its error = 1 - 2(P - N)/(S2 + T2 - 2N) ~ 1 - V_rand.
+    skimage also keeps proposal label 0 as one ordinary segment (no singletons) and does no
+    boundary thinning; the equalities hold exactly once proposal zeros inside the gt
+    foreground are given unique ids (tests/test_metrics.py checks this), and the -N terms
+    vanish relative to the sums for segments much larger than one pixel.
+    """
+    s_lab = _check_labels(proposal, "rand_info_scores proposal")
+    t_lab = _check_labels(gt, "rand_info_scores gt")
+    _same_shape(s_lab, t_lab, "rand_info_scores")
+    fg = t_lab > 0
+    n = int(np.count_nonzero(fg))
+    if n == 0:
+        # Nothing to segment: foreground restriction leaves no pixel on which to disagree.
+        return dict.fromkeys(
+            ("v_rand", "v_rand_split", "v_rand_merge", "v_info", "v_info_split", "v_info_merge"),
+            1.0,
+        )
+    s, t = s_lab[fg], t_lab[fg]
+    assigned = s > 0
+    n_single = n - int(np.count_nonzero(assigned))
+    # Only the count vectors matter: gt sizes t_j, assigned proposal sizes s_i, and the
+    # non-zero contingency entries n_ij (a pair id per pixel; no dense table).
+    s_a = s[assigned]
+    t_j = _counts(t)
+    s_i = _counts(s_a)
+    n_ij = _counts(t[assigned] * (int(s_a.max(initial=0)) + 1) + s_a)
+
+    # Rand: work in counts (p = count / N); the 1/N^2 factors cancel in every ratio.
+    sum_p2 = float(np.sum(n_ij.astype(np.float64) ** 2)) + n_single
+    sum_s2 = float(np.sum(s_i.astype(np.float64) ** 2)) + n_single
+    sum_t2 = float(np.sum(t_j.astype(np.float64) ** 2))
+    rand_split = sum_p2 / sum_t2
+    rand_merge = sum_p2 / sum_s2
+    v_rand = 2.0 * sum_p2 / (sum_s2 + sum_t2)
+
+    # Entropies from counts: H = log N - sum c log c / N; singletons contribute 1 log 1 = 0.
+    log_n = math.log(n)
+    h_t = max(log_n - _xlogx_sum(t_j) / n, 0.0)
+    h_s = max(log_n - _xlogx_sum(s_i) / n, 0.0)
+    h_st = log_n - _xlogx_sum(n_ij) / n
+    mi = min(max(h_s + h_t - h_st, 0.0), h_s, h_t)  # clip float noise into the valid range
+    eps = 1e-12
+    info_split = 1.0 if h_s <= eps else mi / h_s
+    info_merge = 1.0 if h_t <= eps else mi / h_t
+    v_info = 1.0 if h_s + h_t <= eps else 2.0 * mi / (h_s + h_t)
+    return {
+        "v_rand": float(v_rand),
+        "v_rand_split": float(rand_split),
+        "v_rand_merge": float(rand_merge),
+        "v_info": float(v_info),
+        "v_info_split": float(info_split),
+        "v_info_merge": float(info_merge),
+    }
+
+
+def segments_from_binary(mask: np.ndarray) -> np.ndarray:
+    """Label the cell interiors (mask > 0) as 4-connected components, as the challenge does."""
+    return _cc_label(np.asarray(mask) > 0, connectivity=1).astype(np.int32)
+
+
+def thin_boundaries(labels: np.ndarray) -> np.ndarray:
+    """Grow segments into boundary (0) pixels until boundaries are one pixel thin.
+
+    Fiji thins the proposal with a classic 4-connected watershed of the binarised proposal
+    (segments are the minima, boundary the plateau). We do the same with skimage: a watershed
+    seeded by the segments on a flat image (connectivity 1, ``watershed_line=True``). Segments
+    flood the boundary at equal speed, a 1-pixel line (label 0) stays where two different
+    segments meet, and boundary with only one segment next to it (spurs, frame edges, or a
+    gap inside one segment) is absorbed. Segment ids are kept; an image without segments is
+    returned unchanged (all boundary, so every pixel scores as a singleton).
+    """
+    lab = _check_labels(labels, "thin_boundaries")
+    if lab.ndim != 2:
+        raise CellP2PError(f"thin_boundaries: expected a 2D label image, got shape {lab.shape}")
+    if not np.any(lab):
+        return lab.astype(np.int32)
+    # A flat image: skimage floods equal values first-in-first-out, i.e. by 4-connected distance
+    # from the segments, which is how a classic watershed floods the binary plateau.
+    flat = np.zeros(lab.shape, dtype=np.uint8)
+    return watershed(flat, markers=lab, connectivity=1, watershed_line=True).astype(np.int32)
+
+
+def _detect_kind(pred: np.ndarray) -> str:
+    """Guess what a segmentation prediction holds: 'prob', 'mask' or 'labels'.
+
+    bool, two values or fewer (integers, or floats outside [0, 1] such as 0/255), or floats that
+    are all 0/1 -> mask; other floats in [0, 1] -> prob; other integer-valued data -> labels.
+    """
+    if pred.dtype == bool:
+        return "mask"
+    values = np.unique(pred)
+    if np.issubdtype(pred.dtype, np.floating):
+        if not np.all(np.isfinite(values)):
+            raise CellP2PError("segmentation prediction contains NaN or inf")
+        if values[0] >= 0.0 and values[-1] <= 1.0:
+            # A two-valued float map in [0, 1] may be a flat probability map; only 0/1 is a mask.
+            return "mask" if np.all((values == 0) | (values == 1)) else "prob"
+        if values.size > 2 and not np.all(values == np.round(values)):
+            raise CellP2PError(
+                "segmentation prediction is neither a probability map in [0, 1] nor integer "
+                "labels; rescale it to [0, 1] or round it to label ids"
+            )
+    return "mask" if values.size <= 2 else "labels"
+
+
+def _gt_segments(gt: np.ndarray) -> np.ndarray:
+    """Ground-truth segments: label images (> 2 values) as given, binary masks as components."""
+    gt = np.asarray(gt)
+    if gt.dtype != bool and np.unique(gt).size > 2:
+        return _check_labels(gt, "ground truth")
+    return segments_from_binary(gt)
+
+
+def _best_scores(candidates: Sequence[tuple[float, np.ndarray]], gt_seg: np.ndarray) -> dict:
+    """Max V_rand and max V_info (with parts and threshold) over (threshold, proposal) pairs."""
+    best: dict[str, Any] = {}
+    for thr, seg in candidates:
+        sc = rand_info_scores(seg, gt_seg)
+        # Strict '>' keeps the first (lowest) threshold on ties, as Fiji's sweep does.
+        if "v_rand" not in best or sc["v_rand"] > best["v_rand"]:
+            best.update(
+                v_rand=sc["v_rand"],
+                v_rand_split=sc["v_rand_split"],
+                v_rand_merge=sc["v_rand_merge"],
+                v_rand_threshold=float(thr),
+            )
+        if "v_info" not in best or sc["v_info"] > best["v_info"]:
+            best.update(
+                v_info=sc["v_info"],
+                v_info_split=sc["v_info_split"],
+                v_info_merge=sc["v_info_merge"],
+                v_info_threshold=float(thr),
+            )
+    return {k: best[k] for k in _ISBI_KEYS}
+
+
+def isbi_scores(
+    prob: np.ndarray, gt_binary: np.ndarray, thresholds: Sequence[float] | None = None
+) -> dict:
+    """ISBI 2012 scores of one slice: best V_rand and best V_info over thresholds, pixel error.
+
+    ``prob`` is the cell-interior probability in [0, 1], or a binary mask (bool, 0/1 floats, or
+    at most two values such as 0/255; > 0 is interior) scored once, at threshold 0.5. For each
+    threshold t (default 0.0, 0.1, ..., 0.9) the proposal is ``prob > t`` -> 4-connected
+    components -> :func:`thin_boundaries`; the gt segments are the 4-connected components of
+    ``gt_binary > 0`` (a gt with more than two values is taken as a label image as is).
+    V_rand and V_info are maximised independently, as the challenge does, so their thresholds
+    may differ. ``pixel_error`` is at ``prob > 0.5``.
+    """
+    p = np.asarray(prob)
+    kind = _detect_kind(p)
+    if kind == "labels":
+        raise CellP2PError(
+            "isbi_scores: expected a probability map in [0, 1] or a binary mask, got "
+            f"{np.unique(p).size} values in [{p.min():g}, {p.max():g}] (scale 8-bit maps by 1/255)"
+        )
+    gt = np.asarray(gt_binary)
+    _same_shape(p, gt, "isbi_scores")
+    if p.ndim != 2:
+        raise CellP2PError(f"isbi_scores: expected 2D slices, got shape {p.shape}")
+    if kind == "mask":
+        p = (p > 0).astype(np.float32)
+        ts: Sequence[float] = (0.5,)
+    else:
+        ts = DEFAULT_THRESHOLDS if thresholds is None else tuple(thresholds)
+        if not ts:
+            raise CellP2PError("isbi_scores: thresholds is empty")
+    gt_seg = _gt_segments(gt)
+    cands = [(t, thin_boundaries(segments_from_binary(p > t))) for t in ts]
+    out = _best_scores(cands, gt_seg)
+    out["pixel_error"] = pixel_error(p > 0.5, gt > 0)
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# instance matching
+# ---------------------------------------------------------------------------------------------
+
+
+def average_precision(
+    pred_instances: np.ndarray, gt_instances: np.ndarray, iou_threshold: float = 0.5
+) -> float:
+    """Instance "average precision" TP / (TP + FP + FN) at one IoU threshold (cellpose/stardist).
+
+    A predicted and a gt instance (ids > 0; 0 is background) match when IoU >= threshold, the
+    cellpose ``metrics.average_precision`` / stardist ``matching`` rule; pairs are assigned
+    one-to-one with the Hungarian algorithm, maximising the number of matches first and the
+    summed IoU second (cellpose's cost). For thresholds > 0.5 a match is unique anyway.
+    TP = matches, FP = unmatched predictions, FN = unmatched gt instances (stardist calls this
+    ratio "accuracy"). Both images empty scores 1.0.
+    """
+    if not 0.0 < iou_threshold <= 1.0:
+        raise CellP2PError(
+            f"average_precision: iou_threshold must be in (0, 1], got {iou_threshold}"
+        )
+    pred = _check_labels(pred_instances, "average_precision pred")
+    gt = _check_labels(gt_instances, "average_precision gt")
+    _same_shape(pred, gt, "average_precision")
+    g_ids, g_inv = np.unique(gt.ravel(), return_inverse=True)
+    p_ids, p_inv = np.unique(pred.ravel(), return_inverse=True)
+    n_true = int(np.count_nonzero(g_ids))
+    n_pred = int(np.count_nonzero(p_ids))
+    if n_true + n_pred == 0:
+        return 1.0
+    g_area, p_area = np.bincount(g_inv), np.bincount(p_inv)
+    # Overlaps of all (gt, pred) pairs that touch, from the sparse contingency table.
+    pairs, inter = np.unique(g_inv.astype(np.int64) * p_ids.size + p_inv, return_counts=True)
+    gi, pi = pairs // p_ids.size, pairs % p_ids.size
+    keep = (g_ids[gi] != 0) & (p_ids[pi] != 0)
+    gi, pi, inter = gi[keep], pi[keep], inter[keep]
+    iou = inter / (g_area[gi] + p_area[pi] - inter)
+    ok = iou >= iou_threshold
+    if not np.any(ok):
+        return 0.0
+    # Hungarian only on the instances that have a candidate partner: small even for big images.
+    rows, r_idx = np.unique(gi[ok], return_inverse=True)
+    cols, c_idx = np.unique(pi[ok], return_inverse=True)
+    sub = np.zeros((rows.size, cols.size))
+    sub[r_idx, c_idx] = iou[ok]
+    n_min = max(min(n_true, n_pred), 1)
+    cost = -(sub >= iou_threshold).astype(np.float64) - sub / (2.0 * n_min)
+    r, c = linear_sum_assignment(cost)
+    tp = int(np.count_nonzero(sub[r, c] >= iou_threshold))
+    return float(tp / (n_true + n_pred - tp))
+
+
+# ---------------------------------------------------------------------------------------------
+# translation
+# ---------------------------------------------------------------------------------------------
+
+
+def _check_2d_pair(pred: np.ndarray, target: np.ndarray, what: str) -> tuple[np.ndarray, ...]:
+    """Return float64 copies of two same-shape 2D slices."""
+    p = np.asarray(pred, dtype=np.float64)
+    t = np.asarray(target, dtype=np.float64)
+    _same_shape(p, t, what)
+    if p.ndim != 2:
+        raise CellP2PError(f"{what}: expected 2D slices, got shape {p.shape}")
+    return p, t
+
+
+def mae(pred: np.ndarray, target: np.ndarray) -> float:
+    """Mean absolute error (in the images' own units)."""
+    p = np.asarray(pred, dtype=np.float64)
+    t = np.asarray(target, dtype=np.float64)
+    _same_shape(p, t, "mae")
+    return float(np.mean(np.abs(p - t)))
+
+
+def psnr(pred: np.ndarray, target: np.ndarray, data_range: float) -> float:
+    """Peak signal-to-noise ratio in dB (MONAI PSNRMetric); identical images give inf."""
+    p, t = _check_2d_pair(pred, target, "psnr")
+    if data_range <= 0:
+        raise CellP2PError(f"psnr: data_range must be > 0, got {data_range}")
+    if np.array_equal(p, t):
+        return float("inf")  # MSE 0: report inf explicitly rather than rely on log10(0)
+    import torch  # lazy: torch + MONAI take seconds to import; segmentation metrics need neither
+    from monai.metrics import PSNRMetric
+
+    val = PSNRMetric(max_val=float(data_range))(
+        torch.from_numpy(p)[None, None], torch.from_numpy(t)[None, None]
+    )
+    return float(val.reshape(-1)[0])
+
+
+def ssim(pred: np.ndarray, target: np.ndarray, data_range: float) -> float:
+    """Mean SSIM of a 2D slice: MONAI, gaussian window 11 taps sigma 1.5, k1 0.01, k2 0.03.
+
+    Equals ``skimage.metrics.structural_similarity(pred, target, data_range=..., gaussian_weights=
+    True, sigma=1.5, use_sample_covariance=False)`` to ~1e-7: both average over the "valid"
+    region only (skimage crops 5 pixels per side after filtering) and use the population
+    covariance. skimage's default ``use_sample_covariance=True`` differs slightly (N/(N-1)
+    factor, ~1e-5 here). MONAI computes in float32, so inputs are divided by data_range first
+    (SSIM is invariant to that joint scaling) to avoid cancellation on 16-bit ranges.
+    """
+    p, t = _check_2d_pair(pred, target, "ssim")
+    if data_range <= 0:
+        raise CellP2PError(f"ssim: data_range must be > 0, got {data_range}")
+    if min(p.shape) < SSIM_WIN:
+        raise CellP2PError(f"ssim: slices must be at least {SSIM_WIN}x{SSIM_WIN}, got {p.shape}")
+    import torch  # lazy, see psnr
+    from monai.metrics.regression import compute_ssim_and_cs
+
+    ssim_map, _ = compute_ssim_and_cs(
+        torch.from_numpy(p / data_range)[None, None],
+        torch.from_numpy(t / data_range)[None, None],
+        spatial_dims=2,
+        kernel_size=[SSIM_WIN, SSIM_WIN],
+        kernel_sigma=[SSIM_SIGMA, SSIM_SIGMA],
+        data_range=1.0,
+    )
+    return float(ssim_map.double().mean())
+
+
+# ---------------------------------------------------------------------------------------------
+# stacks
+# ---------------------------------------------------------------------------------------------
+
+
+def _segment_slice(p: np.ndarray, t: np.ndarray, kind: str, target_is_labels: bool) -> dict:
+    """All segmentation metrics of one slice (see evaluate_arrays)."""
+    fg = p > 0.5 if kind == "prob" else p > 0
+    t_fg = t > 0
+    row: dict[str, Any] = {"pixel_error": pixel_error(fg, t_fg)}
+    row.update(dice_iou(fg.astype(np.uint8), t_fg.astype(np.uint8), num_classes=2))
+    gt_seg = _check_labels(t, "target") if target_is_labels else segments_from_binary(t_fg)
+    if kind == "prob":
+        cands = [(th, thin_boundaries(segments_from_binary(p > th))) for th in DEFAULT_THRESHOLDS]
+    elif kind == "mask":
+        cands = [(0.5, thin_boundaries(segments_from_binary(fg)))]
+    else:
+        cands = [(0.5, thin_boundaries(_check_labels(p, "prediction")))]
+    row.update(_best_scores(cands, gt_seg))
+    # Instances for AP: labels as given, otherwise components of the foreground at 0.5.
+    pred_inst = _check_labels(p, "prediction") if kind == "labels" else segments_from_binary(fg)
+    row["ap_50"] = average_precision(pred_inst, gt_seg, 0.5)
+    row["ap_75"] = average_precision(pred_inst, gt_seg, 0.75)
+    return row
+
+
+def _default_data_range(target: np.ndarray) -> float:
+    """Integer targets: full dtype range; float targets: max - min of the whole stack."""
+    if target.dtype == bool:
+        return 1.0
+    if np.issubdtype(target.dtype, np.integer):
+        info = np.iinfo(target.dtype)
+        return float(info.max) - float(info.min)
+    rng = float(np.max(target)) - float(np.min(target))
+    if not rng > 0 or not math.isfinite(rng):
+        raise CellP2PError("evaluate: target is constant or non-finite; pass data_range explicitly")
+    return rng
+
+
+def evaluate_arrays(
+    pred: np.ndarray,
+    target: np.ndarray,
+    task: str = "segment",
+    *,
+    kind: str = "auto",
+    data_range: float | None = None,
+    slice_ids: Sequence[int] | None = None,
+) -> dict:
+    """Per-slice and mean metrics of a (Z, Y, X) prediction stack against its target stack.
+
+    ``segment``: ``pred`` is a cell-interior probability map, a binary mask or instance labels
+    (``kind`` = "prob" | "mask" | "labels"; "auto": bool, 0/1 floats or at most two values ->
+    mask, other floats in [0, 1] -> prob, otherwise labels; scale 8-bit probability maps to
+    [0, 1] first); ``target`` is binary (> 0 = interior) or instance labels (more than two
+    values). Per slice: pixel_error and dice/iou of classes 0 (boundary) and
+    1 (interior) at prob > 0.5 (> 0 for masks/labels); the ISBI scores of :func:`isbi_scores`
+    (threshold sweep for prob, a single proposal reported at threshold 0.5 otherwise; label
+    predictions are thinned and used as segments); ap_50 / ap_75 of :func:`average_precision`
+    (binary inputs become instances via :func:`segments_from_binary`, prob at 0.5).
+    ``translate``: mae, psnr, ssim with ``data_range`` (default: the target dtype's range for
+    integers, else target max - min over the stack).
+    Returns {"task", "per_slice": [{"slice": id, metric: value}], "mean": {metric: value}} of
+    plain Python numbers; psnr may be inf (identical slices), and so may its mean.
+    """
+    if task not in ("segment", "translate"):
+        raise CellP2PError(f"evaluate: task must be 'segment' or 'translate', got {task!r}")
+    pred, target = np.asarray(pred), np.asarray(target)
+    if pred.ndim == 2:
+        pred, target = pred[None], target[None]  # a single slice is a stack of one
+    _same_shape(pred, target, "evaluate")
+    if pred.ndim != 3:
+        raise CellP2PError(f"evaluate: expected (Z, Y, X) stacks, got shape {pred.shape}")
+    ids = list(range(pred.shape[0])) if slice_ids is None else [int(i) for i in slice_ids]
+    if len(ids) != pred.shape[0]:
+        raise CellP2PError(f"evaluate: {len(ids)} slice ids for a stack of {pred.shape[0]} slices")
+
+    rows: list[dict[str, Any]] = []
+    if task == "segment":
+        if kind == "auto":
+            kind = _detect_kind(pred)
+        if kind not in ("prob", "mask", "labels"):
+            raise CellP2PError(f"evaluate: kind must be auto, prob, mask or labels, got {kind!r}")
+        if kind == "prob" and (pred.min() < 0 or pred.max() > 1):
+            raise CellP2PError("evaluate: kind='prob' needs values in [0, 1]")
+        target_is_labels = target.dtype != bool and np.unique(target).size > 2
+        for z, sid in enumerate(ids):
+            rows.append(
+                {"slice": sid, **_segment_slice(pred[z], target[z], kind, target_is_labels)}
+            )
+    else:
+        rng = _default_data_range(target) if data_range is None else float(data_range)
+        for z, sid in enumerate(ids):
+            rows.append(
+                {
+                    "slice": sid,
+                    "mae": mae(pred[z], target[z]),
+                    "psnr": psnr(pred[z], target[z], rng),
+                    "ssim": ssim(pred[z], target[z], rng),
+                }
+            )
+    keys = [k for k in rows[0] if k != "slice"] if rows else []
+    mean = {k: float(np.mean([r[k] for r in rows])) for k in keys}
+    return {"task": task, "per_slice": rows, "mean": mean}
+
+
+def _fmt(v: Any) -> str:
+    """Format one table cell."""
+    if isinstance(v, float):
+        return "inf" if math.isinf(v) else f"{v:.4f}"
+    return str(v)
+
+
+def format_table(result: dict) -> str:
+    """Plain-text table of an evaluate_arrays result: one row per slice and a final mean row."""
+    rows = result.get("per_slice", [])
+    keys: list[str] = []
+    for r in rows:
+        keys.extend(k for k in r if k != "slice" and k not in keys)
+    keys.extend(k for k in result.get("mean", {}) if k not in keys)
+    header = ["slice", *keys]
+    body = [[_fmt(r.get("slice", "")), *(_fmt(r.get(k, "")) for k in keys)] for r in rows]
+    body.append(["mean", *(_fmt(result.get("mean", {}).get(k, "")) for k in keys)])
+    widths = [max(len(h), *(len(line[i]) for line in body)) for i, h in enumerate(header)]
+    lines = ["  ".join(h.rjust(w) for h, w in zip(header, widths, strict=True))]
+    lines.append("  ".join("-" * w for w in widths))
+    lines += ["  ".join(c.rjust(w) for c, w in zip(line, widths, strict=True)) for line in body]
+    return "\n".join(lines)

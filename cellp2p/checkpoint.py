@@ -63,7 +63,8 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
     try:
         ckpt = torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as err:
-        first = str(err).splitlines()[0] if str(err) else "unsafe content"
+        lines = [x.strip() for x in str(err).splitlines() if "Unsupported global" in x]
+        first = lines[0] if lines else "unsafe content"
         raise CellP2PError(
             f"{path}: refused to load: it is not a plain-weights checkpoint ({first[:120]}); "
             "only load checkpoints written by cellp2p from sources you trust"

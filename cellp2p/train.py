@@ -608,9 +608,9 @@ def versions(device: torch.device) -> dict[str, str]:
 
     return {
         "cellp2p": cellp2p.__version__,
-        "torch": torch.__version__,
-        "monai": monai.__version__,
-        "numpy": np.__version__,
+        "torch": str(torch.__version__),
+        "monai": str(monai.__version__),
+        "numpy": str(np.__version__),
         "python": sys.version.split()[0],
         "device": str(device),
     }

@@ -309,6 +309,168 @@ def train(ctx: click.Context, **params: Any) -> None:
     click.echo(f"done: {params['out']} step {record.get('step')} {json.dumps(shown)}")
 
 
+# -- evaluate, compare, ablate -----------------------------------------------------------------
+
+_DATA_OPTIONS = [
+    click.option("--volume", type=click.Path(path_type=Path), help="Input stack (TIFF/folder)."),
+    click.option(
+        "--labels", type=click.Path(path_type=Path), help="Labels (or target images) stack."
+    ),
+    click.option("--manifest", help="Data manifest name or JSON path (uses its val split)."),
+    click.option(
+        "--data-dir",
+        type=click.Path(path_type=Path),
+        help="Where the manifest's files are (default: $CELLP2P_DATA).",
+    ),
+]
+
+
+@main.command()
+@click.argument("pred", type=click.Path(path_type=Path))
+@click.option(
+    "--labels",
+    type=click.Path(path_type=Path),
+    required=True,
+    help="Ground truth: labels (segment) or target images (translate).",
+)
+@click.option("--slices", help="Label slices to score, e.g. 25-29 (default: all).")
+@click.option(
+    "--task",
+    type=click.Choice(["segment", "translate"]),
+    default="segment",
+    show_default=True,
+    help="Segmentation or image metrics.",
+)
+@click.option(
+    "--kind",
+    type=click.Choice(["auto", "prob", "mask", "labels"]),
+    default="auto",
+    show_default=True,
+    help="What a segmentation prediction holds (auto: guessed from its values).",
+)
+@click.option("--data-range", type=float, help="Translate: intensity range [target dtype range].")
+@click.option(
+    "--json", "json_path", type=click.Path(path_type=Path), help="Write the metrics as JSON."
+)
+def evaluate(
+    pred: Path,
+    labels: Path,
+    slices: str | None,
+    task: str,
+    kind: str,
+    data_range: float | None,
+    json_path: Path | None,
+) -> None:
+    """Score a prediction stack PRED against --labels: a per-slice table and the mean.
+
+    \b
+    segment:   pixel error, Dice/IoU per class, ISBI 2012 V_rand/V_info (best over
+               thresholds of a probability map, with split/merge parts), AP@0.5/0.75
+    translate: MAE, PSNR, SSIM
+    """
+    from cellp2p.evaluate import evaluate as evaluate_fn
+
+    evaluate_fn(
+        pred,
+        labels,
+        slices=slices,
+        task=task,
+        json_path=json_path,
+        kind=kind,
+        data_range=data_range,
+        echo=click.echo,
+    )
+    if json_path:
+        click.echo(f"wrote {json_path}")
+
+
+@main.command()
+@click.argument("runs", nargs=-1, required=True, type=click.Path(path_type=Path))
+@_apply(_DATA_OPTIONS)
+@click.option("--slices", help="Held-out slices [manifest val split, else the runs' val slices].")
+@click.option("--out", type=click.Path(path_type=Path), required=True, help="Report folder.")
+@click.option(
+    "--segmenter",
+    type=click.Path(path_type=Path),
+    help="Segmentation run on real images: scores how segmentable BtoA runs' images are.",
+)
+@click.option("--names", help="Comma-separated row names, one per run [folder names].")
+@click.option(
+    "--checkpoint",
+    type=click.Choice(["last", "best"]),
+    default="last",
+    show_default=True,
+    help="Which weights to score (best.pt was chosen on the validation slices).",
+)
+@click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or mps.")
+def compare(runs: tuple[Path, ...], names: str | None, **params: Any) -> None:
+    """Compare trained RUNS on the same held-out slices; writes report.md/.json/.html to --out.
+
+    One table row per run (objective, size, steps, speed, every evaluate metric), PNG panels
+    per slice (input | target | runs | error maps) and the loss curves overlaid.
+    """
+    from cellp2p.report import compare as compare_fn
+
+    compare_fn(list(runs), names=names.split(",") if names else None, echo=click.echo, **params)
+
+
+@main.command()
+@_apply(_DATA_OPTIONS)
+@click.option(
+    "--out", type=click.Path(path_type=Path), required=True, help="Folder: runs/ and report."
+)
+@click.option("--max-steps", type=int, default=2000, show_default=True, help="Steps per run.")
+@click.option(
+    "--preset",
+    type=click.Choice(["small", "course", "paper"]),
+    default="small",
+    show_default=True,
+    help="Network size.",
+)
+@click.option("--crop", type=int, default=256, show_default=True, help="Training crop size.")
+@click.option("--batch-size", type=int, default=4, show_default=True, help="Crops per step.")
+@click.option("--seed", type=int, default=0, show_default=True, help="Random seed.")
+@click.option("--eval-every", type=int, help="Validate every N steps [max-steps / 10].")
+@click.option(
+    "--direction",
+    type=click.Choice(["AtoB", "BtoA"]),
+    default="AtoB",
+    show_default=True,
+    help="BtoA makes images from labels.",
+)
+@click.option(
+    "--task",
+    type=click.Choice(["segment", "translate"]),
+    help="[segment; translate for BtoA]",
+)
+@click.option(
+    "--gan-mode",
+    type=click.Choice(["vanilla", "lsgan", "hinge", "wgangp"]),
+    default="vanilla",
+    show_default=True,
+    help="Adversarial objective of the GAN variants.",
+)
+@click.option("--variants", help="Comma-separated subset of unet,l1,gan,cgan,l1_gan,l1_cgan [all].")
+@click.option(
+    "--segmenter",
+    type=click.Path(path_type=Path),
+    help="Segmentation run on real images: segmentability of BtoA images.",
+)
+@click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or mps.")
+@click.option("--quiet", is_flag=True, help="Plain log lines instead of progress bars.")
+def ablate(variants: str | None, **params: Any) -> None:
+    """The pix2pix loss ablation: U-Net, L1, GAN, cGAN, L1+GAN, L1+cGAN on one data set.
+
+    \b
+    Trains each variant with the same steps, batch, crop and seed into OUT/runs/<variant>,
+    then writes the comparison (report.md/.json/.html) into OUT. Run the same command again
+    to continue an interrupted ablation: finished variants are skipped, a partial one resumes.
+    """
+    from cellp2p.ablate import ablate as ablate_fn
+
+    ablate_fn(variants=variants.split(",") if variants else None, echo=click.echo, **params)
+
+
 # -- demo --------------------------------------------------------------------------------------
 
 

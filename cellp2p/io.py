@@ -7,6 +7,7 @@ Pixel size is ``spacing = (z, y, x)`` in ``unit`` (micrometres by default).
 
 from __future__ import annotations
 
+import logging
 import os
 import re
 import xml.etree.ElementTree as ET
@@ -84,7 +85,10 @@ class StackReader:
             elif self.path.suffix.lower() in TIFF_SUFFIXES:
                 self._open_tiff()
             else:
-                self._array = _read_2d(self.path)[None]
+                arr = _read_2d(self.path)
+                if arr.ndim == 3:  # RGB (Y, X, S) -> (C, Y, X), as for every other source
+                    arr = np.moveaxis(arr, -1, 0)
+                self._array = arr[None]
                 self._finish_shape(self._array.shape[1:])
         except CellP2PError:
             self.close()
@@ -110,12 +114,17 @@ class StackReader:
     def _open_tiff(self) -> None:
         if self.path.stat().st_size == 0:
             raise CellP2PError(f"{self.path}: file is empty; re-export or re-download it")
-        tif = tifffile.TiffFile(self.path)
-        self._tif = tif
-        if not tif.series or not tif.pages:
+        with _TiffLog() as log:
+            tif = tifffile.TiffFile(self.path)
+            self._tif = tif
+            npages = len(tif.pages)  # walks the whole IFD chain: finds a cut-off file
+            series = tif.series[0] if tif.series and npages else None
+        if series is None:
             raise CellP2PError(f"{self.path}: TIFF holds no image; re-export it")
-        series = tif.series[0]
         axes, shape = series.axes, series.shape
+        if 0 in shape:
+            raise CellP2PError(f"{self.path}: stack has no slices ({axes} {shape}); re-export it")
+        _check_complete(self.path, tif, series, log.problems)
         self.dtype = np.dtype(series.dtype)
         if len(shape) > 6:
             raise CellP2PError(
@@ -184,15 +193,14 @@ class StackReader:
         unit, zsize = "um", 1.0
         if tif.is_imagej and tif.imagej_metadata:
             meta = tif.imagej_metadata
-            unit = str(meta.get("unit", "um"))
+            unit = str(meta.get("unit", ""))  # no unit: ImageJ calls it uncalibrated
             zsize = float(meta.get("spacing", 1.0))
             if yx is None or unit in ("", "pixel"):
                 return
         elif tif.is_shaped and tif.shaped_metadata and "spacing" in tif.shaped_metadata[0]:
             meta = tif.shaped_metadata[0]
-            z, y, x = (float(v) for v in meta["spacing"])
-            self.spacing, self.unit = (z, y, x), str(meta.get("unit", "um"))
-            return
+            zsize, y, x = (float(v) for v in meta["spacing"])
+            yx, unit = (y, x), str(meta.get("unit", "um"))  # converted to um below, as for ImageJ
         elif tif.is_ome and tif.ome_metadata:
             self._read_ome_spacing(tif.ome_metadata)
             return
@@ -310,6 +318,52 @@ class StackReader:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+class _TiffLog(logging.Handler):
+    """Collects what tifffile logs while a file is opened (it logs, not raises, on damage)."""
+
+    # tifffile reports a cut-off or damaged file with these messages and reads on regardless.
+    DAMAGE = ("invalid page offset", "invalid offset to page", "corrupted", "failed to reshape")
+
+    def __init__(self) -> None:
+        super().__init__(logging.WARNING)
+        self.problems: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        msg = record.getMessage()
+        if any(d in msg for d in self.DAMAGE):
+            self.problems.append(msg.split("> ", 1)[-1])
+
+    def __enter__(self) -> _TiffLog:
+        logging.getLogger("tifffile").addHandler(self)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        logging.getLogger("tifffile").removeHandler(self)
+
+
+def _check_complete(
+    path: Path, tif: tifffile.TiffFile, series: tifffile.TiffPageSeries, problems: list[str]
+) -> None:
+    """Refuse a truncated or damaged TIFF instead of silently reading part of it."""
+    size = path.stat().st_size
+    if not problems:
+        if series.dataoffset is not None:
+            end = series.dataoffset + series.nbytes
+        else:
+            end = 0
+            for page in tif.pages:
+                offsets = getattr(page, "dataoffsets", ())
+                counts = getattr(page, "databytecounts", ())
+                end = max([end, *(o + c for o, c in zip(offsets, counts, strict=False))])
+        if end > size:
+            problems = [f"image data end at byte {end} but the file has {size} bytes"]
+    if problems:
+        raise CellP2PError(
+            f"{path}: TIFF is truncated or damaged ({problems[0]}); "
+            "re-export or re-download it (an interrupted copy cuts files short)"
+        )
 
 
 def _read_2d(path: Path) -> np.ndarray:

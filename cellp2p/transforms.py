@@ -96,6 +96,8 @@ def random_paired_crop(
 ) -> tuple[np.ndarray, np.ndarray]:
     """The same random (size, size) window from two arrays of equal (Y, X)."""
     H, W = a.shape[-2:]
+    if tuple(b.shape[-2:]) != (H, W):
+        raise ValueError(f"paired crop of arrays of different size {a.shape} and {b.shape}")
     if size > H or size > W:
         raise CellP2PError(f"crop {size} is larger than the slice {H}x{W}; choose a smaller --crop")
     top = int(rng.integers(0, H - size + 1))
@@ -132,8 +134,10 @@ def parse_slices(spec: str | None, n: int) -> list[int] | None:
         for part in str(spec).split(","):
             part = part.strip()
             if "-" in part:
-                lo, hi = part.split("-", 1)
-                out.extend(range(int(lo), int(hi) + 1))
+                lo, hi = (int(v) for v in part.split("-", 1))
+                if hi < lo:
+                    raise ValueError(part)  # a reversed range would select nothing, silently
+                out.extend(range(lo, hi + 1))
             else:
                 out.append(int(part))
     except ValueError:

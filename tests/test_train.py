@@ -48,7 +48,7 @@ def _args(pair: tuple[Path, Path], out: Path, *extra: str) -> list[str]:
     ]
 
 
-def _run(args: list[str]):  # noqa: ANN202
+def _run(args: list[str]):
     return CliRunner().invoke(main, args, catch_exceptions=False)
 
 
@@ -225,7 +225,6 @@ def test_existing_run_is_not_overwritten(pair, tmp_path):
 
 
 def _spawn(pair: tuple[Path, Path], out: Path, *extra: str) -> subprocess.Popen:
-    vol, lab = pair
     cmd = [sys.executable, "-m", "cellp2p", *_args(pair, out, *extra)]
     return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
@@ -249,7 +248,6 @@ def test_sigkill_then_resume_loses_only_the_steps_since_the_checkpoint(pair, tmp
     proc.wait()
     step = load_checkpoint(out / "checkpoints" / "last.pt")["step"]
     assert step >= 4 and step % 2 == 0
-    assert not list((out / "checkpoints").glob(".*.part")) or True  # a kill mid-save leaves a temp
     res = _run(["train", "--out", str(out), "--resume", "--max-steps", str(step + 2), "--quiet"])
     assert res.exit_code == 0, res.output
     steps = [json.loads(x)["step"] for x in (out / "metrics.jsonl").read_text().splitlines()]

@@ -154,7 +154,9 @@ def _resolve_sources(cfg: TrainConfig) -> tuple[Path, Path, list[int] | None, li
         from cellp2p.data import load_manifest, resolve_files
 
         manifest = load_manifest(cfg.manifest)
-        files = resolve_files(manifest, Path(cfg.data_dir) if cfg.data_dir else None)
+        files = resolve_files(
+            manifest, Path(cfg.data_dir) if cfg.data_dir else None, roles=("volume", "labels")
+        )
         split = manifest.split or {}
         train = _as_ids(split.get("train"))
         val = _as_ids(split.get("val"))
@@ -436,6 +438,8 @@ class Pix2PixMode(Mode):
         }
         self.cfg, self.device, self.precision = cfg, device, precision
         self.use_gan = cfg.lambda_gan > 0
+        # A sigmoid generator (the course preset) works in [0, 1]; tanh in [-1, 1].
+        self.unit_range = g.config.final_activation == "sigmoid"
 
     def _d_input(self, x: torch.Tensor, img: torch.Tensor) -> torch.Tensor:
         return img if self.cfg.unconditional else torch.cat([center_to(x, img), img], dim=1)
@@ -444,7 +448,8 @@ class Pix2PixMode(Mode):
         g, d = self.nets["generator"], self.nets["discriminator"]
         og, od = self.optims["generator"], self.optims["discriminator"]
         cfg = self.cfg
-        x, y = to_model_range(x), to_model_range(y)
+        x = to_model_range(x)
+        y = y if self.unit_range else to_model_range(y)
         logs: dict[str, torch.Tensor] = {}
         with autocast(self.device, self.precision):
             fake = g(x)
@@ -481,7 +486,8 @@ class Pix2PixMode(Mode):
         return logs
 
     def predict(self, x: torch.Tensor) -> torch.Tensor:
-        return (self.nets["generator"](to_model_range(x)).float() + 1) / 2
+        out = self.nets["generator"](to_model_range(x)).float()
+        return out if self.unit_range else (out + 1) / 2
 
 
 def make_mode(cfg: TrainConfig, data: PairedData, device: torch.device, precision: str) -> Mode:

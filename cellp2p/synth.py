@@ -1,0 +1,322 @@
+"""Seeded synthetic paired stacks: EM-like membranes and fluorescence-like nuclei.
+
+They are the built-in default data for the demo and the tests: the same seed gives the same
+arrays (NumPy's PCG64 generator plus deterministic SciPy filters and float32 arithmetic).
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import numpy as np
+from scipy import ndimage as ndi
+
+from cellp2p.errors import CellP2PError
+
+KINDS = ("em", "nuclei")
+# Pixel sizes (z, y, x) in um: ISBI 2012 is 4 x 4 x 50 nm; nuclei like a confocal stack.
+EM_SPACING = (0.05, 0.004, 0.004)
+NUCLEI_SPACING = (1.0, 0.2, 0.2)
+
+# Mean Voronoi cell area in px: membrane fraction ~ 1.9 * width / sqrt(area), so ~30 px
+# wide cells with 2-4 px membranes give the ~20% membrane pixels of ISBI 2012.
+_EM_CELL_AREA = 900.0
+_EM_MARGIN = 40  # seeds also fall outside the image so edge cells are cut, not stretched
+
+
+def _smooth_noise(rng: np.random.Generator, shape: tuple[int, ...], sigma: float) -> np.ndarray:
+    """Gaussian-filtered white noise rescaled to unit standard deviation (float32)."""
+    field = ndi.gaussian_filter(rng.standard_normal(shape).astype(np.float32), sigma, mode="wrap")
+    std = float(field.std())
+    return field / std if std > 0 else field
+
+
+def _smooth_volume(
+    rng: np.random.Generator, slices: int, shape: tuple[int, int], step: int, sigma_z: float
+) -> np.ndarray:
+    """Smooth noise (Z, Y, X) made on a coarse grid and upsampled: cheap for big stacks."""
+    coarse = (slices, shape[0] // step + 3, shape[1] // step + 3)
+    field = ndi.gaussian_filter(
+        rng.standard_normal(coarse).astype(np.float32), (sigma_z, 1.0, 1.0), mode="nearest"
+    )
+    field /= max(float(field.std()), 1e-6)
+    # Bilinear upsampling as two small matrix products (BLAS): far faster than gathers.
+    rows = _interp_matrix(shape[0], step) @ field  # (Z, H, cx)
+    cols = np.ascontiguousarray(_interp_matrix(shape[1], step).T)
+    # One 2D GEMM: NumPy's stacked matmul with a transposed operand skips BLAS.
+    return (rows.reshape(-1, rows.shape[-1]) @ cols).reshape(slices, shape[0], shape[1])
+
+
+def _interp_matrix(n: int, step: int) -> np.ndarray:
+    """(n, n // step + 3) weights that linearly interpolate a coarse grid onto n pixels."""
+    pos = np.arange(n, dtype=np.float64) / step + 1.0
+    lo = np.floor(pos).astype(np.intp)
+    frac = (pos - lo).astype(np.float32)
+    mat = np.zeros((n, n // step + 3), dtype=np.float32)
+    mat[np.arange(n), lo] = 1.0 - frac
+    mat[np.arange(n), lo + 1] = frac
+    return mat
+
+
+def _check_dims(slices: int, shape: tuple[int, int]) -> tuple[int, tuple[int, int]]:
+    try:
+        z, h, w = int(slices), int(shape[0]), int(shape[1])
+    except (TypeError, ValueError, IndexError):
+        raise CellP2PError(
+            f"synthetic data: bad size {slices} x {shape}; give slices and HxW as positive integers"
+        ) from None
+    if z < 1 or h < 1 or w < 1:
+        raise CellP2PError(
+            f"synthetic data: size {z} x {h} x {w} must be positive; "
+            "pass e.g. --slices 8 --size 128"
+        )
+    return z, (h, w)
+
+
+def _em_labels(rng: np.random.Generator, slices: int, shape: tuple[int, int]) -> np.ndarray:
+    """Cell ids (Z, Y, X) of a drifting, warped Voronoi tessellation."""
+    h, w = shape
+    m = _EM_MARGIN
+    area = (h + 2 * m) * (w + 2 * m)
+    start = _clustered_points(rng, area / _EM_CELL_AREA, (h + 2 * m, w + 2 * m)) - m
+    n = len(start)
+    # Seeds drift smoothly (constant velocity plus a slow wobble): neighbouring sections
+    # show the same cells slightly moved and reshaped, like a serial-section stack.
+    velocity = rng.normal(0.0, 0.8, size=(n, 2))
+    wobble_amp = rng.uniform(0.5, 2.5, size=(n, 2))
+    wobble_phase = rng.uniform(0, 2 * np.pi, size=(n, 2))
+    wobble_freq = rng.uniform(0.1, 0.3, size=(n, 1))
+    # A smooth displacement field bends the straight Voronoi edges into curved membranes.
+    warp_y = 5.0 * _smooth_volume(rng, slices, shape, step=32, sigma_z=4.0)
+    warp_x = 5.0 * _smooth_volume(rng, slices, shape, step=32, sigma_z=4.0)
+    yy, xx = np.mgrid[0:h, 0:w].astype(np.float32)
+    ph, pw = h + 2 * m, w + 2 * m
+    ids = np.arange(1, n + 1, dtype=np.int32)
+    out = np.empty((slices, h, w), dtype=np.int32)
+    for z in range(slices):
+        pos = start + velocity * z + wobble_amp * np.sin(wobble_freq * z + wobble_phase)
+        # A seed drifting off the padded field re-enters on the far side, in the margin.
+        iy = np.round(pos[:, 0] + m).astype(np.intp) % ph
+        ix = np.round(pos[:, 1] + m).astype(np.intp) % pw
+        seeds = np.zeros((ph, pw), dtype=np.int32)
+        seeds[iy, ix] = ids  # a later seed on the same pixel simply wins
+        # Nearest seed of every pixel via the EDT's feature transform: ~30 ms per 512^2.
+        near = ndi.distance_transform_edt(seeds == 0, return_distances=False, return_indices=True)
+        voronoi = seeds[near[0], near[1]]
+        out[z] = ndi.map_coordinates(
+            voronoi, [yy + warp_y[z] + m, xx + warp_x[z] + m], order=0, mode="nearest"
+        )
+    return out
+
+
+def _clustered_points(
+    rng: np.random.Generator, mean_count: float, extent: tuple[int, int]
+) -> np.ndarray:
+    """Random (y, x) points in [0, extent) whose density varies smoothly over the field.
+
+    Uniform seeds give cells of one size; neuropil mixes large profiles with bundles of
+    small ones, so the local density follows a smooth log-normal field.
+    """
+    cell = 48  # correlation length of the density, px
+    coarse = _smooth_noise(rng, (extent[0] // cell + 2, extent[1] // cell + 2), 0.8)
+    candidates = rng.uniform((0, 0), extent, size=(int(rng.poisson(4 * mean_count)) + 16, 2))
+    log_density = ndi.map_coordinates(coarse, candidates.T / cell, order=1, mode="nearest")
+    density = np.exp(0.6 * log_density)
+    keep = rng.uniform(0, 1, len(candidates)) < density / density.max()
+    points = candidates[keep]
+    # Thin to the expected count so the membrane fraction does not depend on the field.
+    target = max(4, int(rng.poisson(mean_count)))
+    return points[:target] if len(points) >= target else candidates[:target]
+
+
+def _membranes(cells: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """Boolean membrane mask (Z, Y, X) 2-4 px wide along the cell boundaries."""
+    slices, h, w = cells.shape
+    edge = np.zeros(cells.shape, dtype=bool)
+    # A pixel whose right or lower neighbour is another cell: a 1-px line on one side.
+    edge[:, :, 1:] |= cells[:, :, 1:] != cells[:, :, :-1]
+    edge[:, 1:, :] |= cells[:, 1:, :] != cells[:, :-1, :]
+    two = edge.copy()
+    two[:, :, :-1] |= edge[:, :, 1:]
+    two[:, :-1, :] |= edge[:, 1:, :]  # ~2 px: both sides of the boundary
+    # Thickness varies smoothly along the membranes: 2 px in thin stretches, ~4 px in thick.
+    thick = _smooth_volume(rng, slices, (h, w), step=16, sigma_z=2.0) > 0.0
+    grown = ndi.binary_dilation(two, structure=ndi.generate_binary_structure(3, 1)[1:2])
+    return two | (grown & thick)
+
+
+def _draw_ellipses(
+    canvas: np.ndarray,
+    centres: np.ndarray,
+    radii: np.ndarray,
+    angles: np.ndarray,
+    values: np.ndarray,
+) -> None:
+    """Add value * (filled ellipse) to a 2D canvas for each ellipse, in place."""
+    h, w = canvas.shape
+    for (cy, cx), (ry, rx), ang, val in zip(centres, radii, angles, values, strict=True):
+        r = int(np.ceil(max(ry, rx))) + 1
+        y0, y1 = max(int(cy) - r, 0), min(int(cy) + r + 1, h)
+        x0, x1 = max(int(cx) - r, 0), min(int(cx) + r + 1, w)
+        if y0 >= y1 or x0 >= x1:
+            continue
+        dy = np.arange(y0, y1, dtype=np.float32)[:, None] - cy
+        dx = np.arange(x0, x1, dtype=np.float32)[None, :] - cx
+        c, s = np.cos(ang), np.sin(ang)
+        u, v = (c * dy + s * dx) / ry, (-s * dy + c * dx) / rx
+        canvas[y0:y1, x0:x1] += val * (u * u + v * v <= 1.0)
+
+
+def make_em(slices: int, shape: tuple[int, int], seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """EM-like serial sections and ISBI-style labels (255 = cell interior, 0 = membrane), uint8."""
+    slices, shape = _check_dims(slices, shape)
+    h, w = shape
+    rng = np.random.default_rng(seed)
+    cells = _em_labels(rng, slices, shape)
+    membrane = _membranes(cells, rng)
+    labels = np.where(membrane, 0, 255).astype(np.uint8)
+
+    # Cytoplasm grey level differs a little from cell to cell, as in ssTEM.
+    ncell = int(cells.max()) + 1
+    cell_grey = rng.normal(175.0, 12.0, size=ncell).astype(np.float32)
+    img = cell_grey[cells]
+    img += 10.0 * _smooth_volume(rng, slices, shape, step=8, sigma_z=1.0)  # cytoplasm texture
+    # Membranes are dark but not uniformly so (staining and section angle vary).
+    mem_grey = 70.0 + 20.0 * _smooth_volume(rng, slices, shape, step=32, sigma_z=2.0)
+    img = np.where(membrane, mem_grey, img)
+
+    area = h * w
+    for z in range(slices):
+        interior = ~membrane[z]
+        # Vesicles: many small dark dots, one section thick (they are ~40 nm across).
+        nves = int(rng.poisson(area / 400.0))
+        dots = np.zeros(shape, dtype=np.float32)
+        vy, vx = rng.integers(0, h, nves), rng.integers(0, w, nves)
+        np.add.at(dots, (vy, vx), rng.uniform(0.6, 1.0, nves).astype(np.float32))
+        dots = ndi.gaussian_filter(dots, 1.2) * (2 * np.pi * 1.2**2)  # peak ~ dot weight
+        img[z] -= 70.0 * np.minimum(dots, 1.0) * interior
+        # Mitochondria-like ellipses: darker, with lighter cristae stripes inside.
+        nmito = int(rng.poisson(area / 9000.0))
+        mito = np.zeros(shape, dtype=np.float32)
+        _draw_ellipses(
+            mito,
+            rng.uniform((0, 0), (h, w), size=(nmito, 2)),
+            np.column_stack([rng.uniform(6, 14, nmito), rng.uniform(3, 6, nmito)]),
+            rng.uniform(0, np.pi, nmito),
+            np.ones(nmito, dtype=np.float32),
+        )
+        mito = np.minimum(mito, 1.0) * interior
+        cristae = 0.5 + 0.5 * np.sin((np.arange(w, dtype=np.float32) * 1.3)[None, :])
+        img[z] -= mito * (60.0 - 25.0 * cristae)
+
+    # Slowly varying illumination/section thickness, then the microscope's blur and noise.
+    img *= 1.0 + 0.06 * _smooth_volume(rng, slices, shape, step=64, sigma_z=3.0)
+    img = ndi.gaussian_filter(img, (0, 1.0, 1.0))
+    img += rng.normal(0.0, 9.0, size=img.shape).astype(np.float32)
+    volume = np.clip(np.round(img), 0, 255).astype(np.uint8)
+    return volume, labels
+
+
+def make_nuclei(
+    slices: int, shape: tuple[int, int], seed: int = 0
+) -> tuple[np.ndarray, np.ndarray]:
+    """Fluorescence-like nuclei (uint16) and their instance labels (uint16, 0 = background)."""
+    slices, shape = _check_dims(slices, shape)
+    h, w = shape
+    rng = np.random.default_rng(seed)
+    labels = np.zeros((slices, h, w), dtype=np.uint16)
+    # Nuclei 5-11 um across at 0.2 um/px in-plane, 1 um between slices: about one per
+    # 2000 px of slice area per 8 slices of depth, so some 20-30% of voxels are nuclei.
+    target = max(1, int(rng.poisson(h * w / 2000.0 * max(1.0, slices / 8.0))))
+    count, tries = 0, 0
+    while count < target and tries < max(5 * target, 100) and count < 65535:
+        tries += 1
+        ry, rx = rng.uniform(12, 28), rng.uniform(12, 28)
+        rz = rng.uniform(2.5, 5.5)
+        cy, cx, cz = rng.uniform(0, h), rng.uniform(0, w), rng.uniform(0, max(slices - 1, 0) + 1e-6)
+        ang = rng.uniform(0, np.pi)
+        if labels[int(cz), min(int(cy), h - 1), min(int(cx), w - 1)]:
+            continue  # centre already taken: a cheap early rejection
+        r = int(np.ceil(max(ry, rx)))
+        y0, y1 = max(int(cy) - r, 0), min(int(cy) + r + 1, h)
+        x0, x1 = max(int(cx) - r, 0), min(int(cx) + r + 1, w)
+        z0, z1 = max(int(np.ceil(cz - rz)), 0), min(int(np.floor(cz + rz)) + 1, slices)
+        dz = np.arange(z0, z1, dtype=np.float32)[:, None, None] - cz
+        dy = np.arange(y0, y1, dtype=np.float32)[None, :, None] - cy
+        dx = np.arange(x0, x1, dtype=np.float32)[None, None, :] - cx
+        c, s = np.cos(ang), np.sin(ang)
+        u, v = (c * dy + s * dx) / ry, (-s * dy + c * dx) / rx
+        inside = u * u + v * v + (dz / rz) ** 2 <= 1.0
+        if not inside.any():
+            continue
+        box = labels[z0:z1, y0:y1, x0:x1]
+        # Nuclei do not overlap: reject a candidate touching an existing one (the first
+        # always fits, so every stack has at least one nucleus).
+        if (box[inside] > 0).any():
+            continue
+        count += 1
+        box[inside] = count
+
+    # Brightness varies per nucleus (DNA content, staining); chromatin gives texture.
+    bright = np.concatenate([[0.0], rng.uniform(400.0, 3000.0, count)]).astype(np.float32)
+    signal = bright[labels]
+    chromatin = 1.0 + 0.25 * _smooth_volume(rng, slices, shape, step=4, sigma_z=0.7)
+    signal *= np.clip(chromatin, 0.3, None)
+    # Optical blur is wider along z, where the point-spread function is elongated.
+    signal = ndi.gaussian_filter(signal, (0.6, 1.5, 1.5))
+    # Camera offset plus smooth out-of-focus haze.
+    haze = _smooth_volume(rng, slices, shape, step=64, sigma_z=3.0)
+    background = 100.0 + 30.0 * np.exp(0.5 * haze)
+    photons = rng.poisson(np.maximum(signal + background, 0.0)).astype(np.float32)
+    photons += rng.normal(0.0, 6.0, size=photons.shape).astype(np.float32)  # camera read noise
+    volume = np.clip(np.round(photons), 0, 65535).astype(np.uint16)
+    return volume, labels
+
+
+def parse_size(text: str) -> tuple[int, int]:
+    """Parse "256" as (256, 256) and "HxW" such as "256x128" as (height 256, width 128)."""
+    match = re.fullmatch(r"\s*(\d+)\s*(?:[xX×]\s*(\d+)\s*)?", str(text))
+    if match is None:
+        raise CellP2PError(
+            f"size {text!r}: not understood; give one integer (square) or HxW such as 256x128"
+        )
+    h = int(match.group(1))
+    w = int(match.group(2)) if match.group(2) is not None else h
+    if h < 1 or w < 1:
+        raise CellP2PError(f"size {text!r}: height and width must be positive, e.g. 256x128")
+    return h, w
+
+
+def synth(
+    kind: str,
+    out: Path,
+    slices: int,
+    size: tuple[int, int],
+    seed: int = 0,
+    force: bool = False,
+) -> tuple[Path, Path]:
+    """Write a synthetic pair ``out/volume.tif`` and ``out/labels.tif``; return their paths."""
+    from cellp2p.io import write_stack  # imported late: io pulls in tifffile
+
+    kind = str(kind).lower()
+    if kind not in KINDS:
+        raise CellP2PError(f"synthetic kind {kind!r}: unknown; choose one of {', '.join(KINDS)}")
+    slices, size = _check_dims(slices, size)
+    out = Path(out)
+    vol_path, lab_path = out / "volume.tif", out / "labels.tif"
+    # Check both before writing either, so a refusal never leaves a half-written pair.
+    for path in (vol_path, lab_path):
+        if path.exists() and not force:
+            raise CellP2PError(
+                f"{path}: already exists; pass --force to overwrite it or choose another folder"
+            )
+    if kind == "em":
+        volume, labels = make_em(slices, size, seed)
+        spacing = EM_SPACING
+    else:
+        volume, labels = make_nuclei(slices, size, seed)
+        spacing = NUCLEI_SPACING
+    write_stack(vol_path, volume, spacing=spacing, unit="um", force=force)
+    write_stack(lab_path, labels, spacing=spacing, unit="um", force=force)
+    return vol_path, lab_path

@@ -6,7 +6,6 @@ from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
-from monai.losses import DiceCELoss, DiceLoss
 
 from cellp2p.errors import CellP2PError
 
@@ -19,6 +18,8 @@ Loss = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
 def supervised_loss(name: str, num_classes: int = 2) -> Loss:
     """U-Net loss on logits: BCE / Dice / BCE+Dice (binary or multi-class CE), or L1 / L2."""
+    from monai.losses import DiceCELoss, DiceLoss  # heavy import: only when training
+
     multiclass = num_classes > 2
     if name == "l1":
         return F.l1_loss

@@ -419,7 +419,7 @@ def compare(runs: tuple[Path, ...], names: str | None, **params: Any) -> None:
 @click.option(
     "--out", type=click.Path(path_type=Path), required=True, help="Folder: runs/ and report."
 )
-@click.option("--max-steps", type=int, default=2000, show_default=True, help="Steps per run.")
+@click.option("--max-steps", type=int, default=1000, show_default=True, help="Steps per run.")
 @click.option(
     "--preset",
     type=click.Choice(["small", "course", "paper"]),
@@ -469,6 +469,104 @@ def ablate(variants: str | None, **params: Any) -> None:
     from cellp2p.ablate import ablate as ablate_fn
 
     ablate_fn(variants=variants.split(",") if variants else None, echo=click.echo, **params)
+
+
+# -- predict -----------------------------------------------------------------------------------
+
+
+@main.command()
+@click.argument("stacks", nargs=-1, required=True, type=click.Path(path_type=Path))
+@click.option(
+    "--model",
+    "-m",
+    required=True,
+    type=click.Path(path_type=Path),
+    help="Run folder (uses checkpoints/best.pt, else last.pt) or a .pt checkpoint.",
+)
+@click.option(
+    "-o",
+    "--out",
+    type=click.Path(path_type=Path),
+    help="Output .tif for one input, or a folder [default: NAME_pred.tif next to each input].",
+)
+@click.option(
+    "--output",
+    type=click.Choice(["auto", "prob", "mask", "labels", "image"]),
+    default="auto",
+    show_default=True,
+    help="auto: prob for segmentation, image for translation. mask: uint8 0/255 (class "
+    "values for multiclass); labels: instance labels (connected components).",
+)
+@click.option(
+    "--threshold",
+    type=float,
+    default=0.5,
+    show_default=True,
+    help="Foreground probability for mask and labels.",
+)
+@click.option(
+    "--tile",
+    type=int,
+    help="Tile size in pixels [default: whole slice up to 1024 px, else 512 or the crop].",
+)
+@click.option(
+    "--overlap", type=float, default=0.25, show_default=True, help="Tile overlap fraction."
+)
+@click.option("--tta", is_flag=True, help="Average the 8 flips/90° rotations (8x slower).")
+@click.option(
+    "--batch-size", type=int, default=4, show_default=True, help="Tiles or slices per forward."
+)
+@click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or mps.")
+@click.option("--force", is_flag=True, help="Overwrite existing outputs.")
+@click.option("--quiet", is_flag=True, help="No progress bars.")
+@click.option(
+    "--test-time-dropout",
+    is_flag=True,
+    help="Keep Dropout layers active (pix2pix-style noise); batch norm stays in eval mode.",
+)
+@click.option("--slices", help="Predict only these slices, e.g. 25-29 or 0,2,4-9.")
+def predict(
+    stacks: tuple[Path, ...],
+    model: Path,
+    out: Path | None,
+    output: str,
+    threshold: float,
+    tile: int | None,
+    overlap: float,
+    tta: bool,
+    batch_size: int,
+    device: str,
+    force: bool,
+    quiet: bool,
+    test_time_dropout: bool,
+    slices: str | None,
+) -> None:
+    """Apply a trained run to STACK... (TIFF stacks, 2D images or folders of images).
+
+    \b
+    Any slice size: tiled sliding-window inference with Gaussian blending. Stacks are read
+    and written slice by slice; each output appears only when complete.
+    """
+    from cellp2p.predict import predict_stack
+
+    paths = predict_stack(
+        stacks,
+        model,
+        out=out,
+        output=output,
+        threshold=threshold,
+        tile=tile,
+        overlap=overlap,
+        tta=tta,
+        batch_size=batch_size,
+        device=device,
+        force=force,
+        quiet=quiet,
+        test_time_dropout=test_time_dropout,
+        slices=slices,
+    )
+    for path in paths:
+        click.echo(f"wrote {path}")
 
 
 # -- demo --------------------------------------------------------------------------------------

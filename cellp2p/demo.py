@@ -18,6 +18,8 @@ def run_demo(
     echo: Callable[[str], None] = print,
 ) -> Path:
     """Synthesise (or locate) data, train both modes, and leave every result under ``out``."""
+    from cellp2p.predict import predict_stack
+    from cellp2p.report import compare
     from cellp2p.synth import synth
     from cellp2p.train import TrainConfig, train
 
@@ -32,9 +34,9 @@ def run_demo(
     if manifest:
         data = {"manifest": manifest}
         crop = 256
-        echo(f"[1/3] data: manifest {manifest}")
+        echo(f"[1/5] data: manifest {manifest}")
     else:
-        echo("[1/3] data: synthetic EM stack (12 slices of 256x256) -> " + str(out / "data"))
+        echo("[1/5] data: synthetic EM stack (12 slices of 256x256) -> " + str(out / "data"))
         vol, lab = synth("em", out / "data", 12, (256, 256), seed=0)
         data = {
             "volume": str(vol),
@@ -45,7 +47,7 @@ def run_demo(
         crop = 128
     runs = {}
     for i, mode in enumerate(("unet", "pix2pix"), start=2):
-        echo(f"[{i}/3] training {mode} for {steps} steps -> {out / mode}")
+        echo(f"[{i}/5] training {mode} for {steps} steps -> {out / mode}")
         cfg = TrainConfig(
             mode=mode,
             max_steps=steps,
@@ -60,4 +62,15 @@ def run_demo(
     for mode, rec in runs.items():
         shown = ", ".join(f"{k} {v:.3f}" for k, v in rec.items() if k.startswith("val_"))
         echo(f"  {mode:8s} {shown}")
+    if not manifest:
+        echo(f"[4/5] predicting the whole synthetic stack with the U-Net -> {out / 'predictions'}")
+        predict_stack(
+            [out / "data" / "volume.tif"],
+            out / "unet",
+            out=out / "predictions" / "volume_prob.tif",
+            quiet=True,
+        )
+    echo(f"[5/5] comparing U-Net and pix2pix on the held-out slices -> {out / 'report.md'}")
+    compare([out / "unet", out / "pix2pix"], out=out, echo=None)
+    echo((out / "report.md").read_text().split("\n\n## ", 1)[0])
     return out

@@ -432,12 +432,11 @@ class Pix2PixMode(Mode):
         self.nets = {"generator": g.to(device), "discriminator": d.to(device)}
         lr = cfg.lr if cfg.lr is not None else 2e-4
         betas = (0.5, 0.999)
-        self.optims = {
-            "generator": torch.optim.Adam(g.parameters(), lr=lr, betas=betas),
-            "discriminator": torch.optim.Adam(d.parameters(), lr=lr, betas=betas),
-        }
-        self.cfg, self.device, self.precision = cfg, device, precision
         self.use_gan = cfg.lambda_gan > 0
+        self.optims = {"generator": torch.optim.Adam(g.parameters(), lr=lr, betas=betas)}
+        if self.use_gan:  # the L1-only ablation never steps D
+            self.optims["discriminator"] = torch.optim.Adam(d.parameters(), lr=lr, betas=betas)
+        self.cfg, self.device, self.precision = cfg, device, precision
         # A sigmoid generator (the course preset) works in [0, 1]; tanh in [-1, 1].
         self.unit_range = g.config.final_activation == "sigmoid"
 
@@ -446,7 +445,7 @@ class Pix2PixMode(Mode):
 
     def step(self, x: torch.Tensor, y: torch.Tensor) -> dict[str, torch.Tensor]:
         g, d = self.nets["generator"], self.nets["discriminator"]
-        og, od = self.optims["generator"], self.optims["discriminator"]
+        og, od = self.optims["generator"], self.optims.get("discriminator")
         cfg = self.cfg
         x = to_model_range(x)
         y = y if self.unit_range else to_model_range(y)

@@ -222,7 +222,7 @@ TRAIN_OPTIONS = [
     click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or mps."),
     click.option(
         "--precision",
-        type=click.Choice(["auto", "fp32", "bf16", "fp16"]),
+        type=click.Choice(["auto", "fp32", "bf16"]),
         default="auto",
         show_default=True,
         help="auto: bf16 on CUDA, fp32 on CPU.",

@@ -11,7 +11,8 @@ import torch
 from cellp2p.errors import CellP2PError
 
 DEVICES = ("auto", "cpu", "cuda", "mps")
-PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+# fp16 would need loss scaling (GradScaler); bf16 has fp32 range and needs none.
+PRECISIONS = ("auto", "fp32", "bf16")
 
 
 def select_device(name: str = "auto") -> torch.device:
@@ -39,8 +40,6 @@ def resolve_precision(precision: str, device: torch.device) -> str:
         raise CellP2PError(f"--precision {precision!r} unknown; use one of {', '.join(PRECISIONS)}")
     if precision == "auto":
         return "bf16" if device.type == "cuda" else "fp32"
-    if precision == "fp16" and device.type != "cuda":
-        raise CellP2PError("--precision fp16 needs a CUDA GPU; use fp32 or bf16 on the CPU")
     return precision
 
 
@@ -48,8 +47,7 @@ def autocast(device: torch.device, precision: str) -> contextlib.AbstractContext
     """Autocast context for the precision (a no-op for fp32)."""
     if precision == "fp32":
         return contextlib.nullcontext()
-    dtype = torch.bfloat16 if precision == "bf16" else torch.float16
-    return torch.autocast(device_type=device.type, dtype=dtype)
+    return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
 
 
 def seed_everything(seed: int, deterministic: bool = False) -> None:

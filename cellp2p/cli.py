@@ -158,7 +158,13 @@ TRAIN_OPTIONS = [
     click.option("--val-slices", help="Validation slices, e.g. 25-29."),
     click.option("--max-steps", type=int, help="Number of optimizer steps."),
     click.option("--epochs", type=int, help="Epochs (an epoch covers the training slices once)."),
-    click.option("--batch-size", type=int, default=4, show_default=True, help="Crops per step."),
+    click.option(
+        "--batch-size",
+        type=int,
+        default=4,
+        show_default=True,
+        help="Crops per step and process (under torchrun a step trains on W × this).",
+    ),
     click.option("--crop", type=int, default=256, show_default=True, help="Training crop size."),
     click.option("--lr", type=float, help="Learning rate [unet 1e-3, pix2pix 2e-4]."),
     click.option(
@@ -228,6 +234,11 @@ TRAIN_OPTIONS = [
         help="auto: bf16 on CUDA, fp32 on CPU.",
     ),
     click.option("--deterministic", is_flag=True, help="Deterministic kernels where possible."),
+    click.option(
+        "--sync-bn",
+        is_flag=True,
+        help="Under torchrun on GPUs: BatchNorm statistics over all processes' crops.",
+    ),
     click.option(
         "--num-workers",
         type=int,
@@ -301,12 +312,14 @@ def train(ctx: click.Context, **params: Any) -> None:
     The run folder holds config.json, metrics.jsonl (one record per evaluation),
     checkpoints/last.pt and best.pt, samples/*.png and loss_curve.png.
     """
+    from cellp2p.distributed import is_main
     from cellp2p.train import train as train_fn
 
     cfg, explicit = _train_config(ctx, params)
     record = train_fn(cfg, params["out"], resume=params["resume"], resume_overrides=explicit)
     shown = {k: round(v, 4) for k, v in record.items() if isinstance(v, float) and k != "time"}
-    click.echo(f"done: {params['out']} step {record.get('step')} {json.dumps(shown)}")
+    if is_main():  # under torchrun every process returns the record; say it once
+        click.echo(f"done: {params['out']} step {record.get('step')} {json.dumps(shown)}")
 
 
 # -- evaluate, compare, ablate -----------------------------------------------------------------

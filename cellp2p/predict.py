@@ -675,6 +675,10 @@ def predict_stack(
             jobs.append(
                 _Job(src, tuple(reader.shape), reader.spacing, reader.unit, reader.dtype, ids)
             )
+    from cellp2p import distributed
+
+    world = distributed.setup(device)  # under torchrun: joins the group, on cuda:LOCAL_RANK
+    device = str(world.device) if world.size > 1 else device
     predictor = load_predictor(model, device, tta=tta, test_time_dropout=test_time_dropout)
     kind = predictor.resolve_output(output)
     for job in jobs:
@@ -700,6 +704,10 @@ def predict_stack(
             "deterministic",
             file=sys.stderr,
         )
+    # Under torchrun each process has checked every input and output; now rank r takes
+    # stacks r, r+W, ... (and returns those), and only rank 0 shows progress.
+    jobs = world.shard(jobs)
+    quiet = quiet or not world.is_main
 
     _flat_heap()
     total = sum(len(job.ids) for job in jobs)

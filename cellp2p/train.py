@@ -3,10 +3,17 @@
 Each mode supplies a step function returning a dict of floats; the loop owns data, logging,
 validation, checkpoints and resume. Randomness is derived from ``(seed, step)``, so a resumed
 run draws exactly the batches and dropout masks the uninterrupted run would have.
+
+Under torchrun (``WORLD_SIZE`` > 1) the same loop runs in every process with the trained
+networks wrapped in DistributedDataParallel: step s's global batch of ``W × --batch-size``
+crops is still a pure function of (seed, s) and rank r trains on its r-th slice of it, dropout
+masks are seeded per (seed, step, rank), and rank 0 alone validates and writes the run folder
+while the others wait (see :mod:`cellp2p.distributed`).
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -24,7 +31,7 @@ import torch
 from torch import nn
 
 import cellp2p
-from cellp2p import io, validate
+from cellp2p import distributed, io, validate
 from cellp2p.checkpoint import build_from_entry, load_checkpoint, model_entry, save_checkpoint
 from cellp2p.errors import CellP2PError
 from cellp2p.losses import (
@@ -36,7 +43,7 @@ from cellp2p.losses import (
 )
 from cellp2p.models import build_model
 from cellp2p.predict import forward_full
-from cellp2p.runtime import autocast, resolve_precision, seed_everything, select_device
+from cellp2p.runtime import autocast, resolve_precision, seed_everything
 from cellp2p.transforms import Normalization, parse_slices
 
 MODES = ("unet", "pix2pix")
@@ -85,6 +92,7 @@ class TrainConfig:
     deterministic: bool = False
     num_workers: int = 0
     quiet: bool = False
+    sync_bn: bool = False
     model_overrides: dict = field(default_factory=dict)
 
     @classmethod
@@ -315,21 +323,30 @@ def make_augment(cfg: TrainConfig, target_kind: str) -> Callable[[dict], dict]:
 
 
 class StepBatches(torch.utils.data.Dataset):
-    """Item ``step`` is the whole batch for that step, a pure function of (seed, step)."""
+    """Item ``step`` is the batch for that step, a pure function of (seed, step).
 
-    def __init__(self, data: PairedData, cfg: TrainConfig):
+    With ``world_size`` W, the step's global batch has W × batch_size crops and rank r gets
+    crops r·b … (r+1)·b − 1 of it: W ranks × b crops see exactly the crops one process would
+    see with W·b. The choice of slices and the augmentation seeds of the whole global batch are
+    drawn on every rank (cheap); only the rank's own crops are augmented.
+    """
+
+    def __init__(self, data: PairedData, cfg: TrainConfig, rank: int = 0, world_size: int = 1):
         self.x, self.y = data.train_x, data.train_y
         self.cfg = cfg
         self.augment = make_augment(cfg, data.target_kind)
+        self.total, self.lo, self.hi = distributed.shard_bounds(cfg.batch_size, rank, world_size)
 
     def __len__(self) -> int:
         return 2**62
 
     def __getitem__(self, step: int) -> tuple[torch.Tensor, torch.Tensor]:
         rng = np.random.default_rng([self.cfg.seed, step])
+        ids = rng.integers(0, len(self.x), size=self.total)
+        seeds = [int(rng.integers(2**31)) for _ in range(self.total)]
         xs, ys = [], []
-        for i in rng.integers(0, len(self.x), size=self.cfg.batch_size):
-            self.augment.set_random_state(seed=int(rng.integers(2**31)))
+        for i, seed in zip(ids[self.lo : self.hi], seeds[self.lo : self.hi], strict=True):
+            self.augment.set_random_state(seed=seed)
             item = self.augment({"image": self.x[i], "target": self.y[i]})
             xs.append(torch.as_tensor(np.asarray(item["image"]), dtype=torch.float32))
             ys.append(torch.as_tensor(np.asarray(item["target"]), dtype=torch.float32))
@@ -353,9 +370,14 @@ def center_to(t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
 
 
 class Mode:
-    """A training mode: its networks, optimizers and one step."""
+    """A training mode: its networks, optimizers and one step.
+
+    ``nets`` are the plain networks (checkpointed, validated); ``train_nets`` are what the step
+    calls: the same objects in one process, DistributedDataParallel wrappers under torchrun.
+    """
 
     nets: dict[str, nn.Module]
+    train_nets: dict[str, nn.Module]
     optims: dict[str, torch.optim.Optimizer]
 
     def step(self, x: torch.Tensor, y: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -378,6 +400,7 @@ class UNetMode(Mode):
         overrides = dict(cfg.model_overrides)
         net = build_model("unet", cfg.preset, data.in_channels, data.out_channels, **overrides)
         self.nets = {"unet": net.to(device)}
+        self.train_nets = self.nets
         loss_name = cfg.loss or ("bcedice" if self.kind != "image" else "l1")
         self.loss = supervised_loss(
             loss_name, len(data.classes) if self.kind == "multiclass" else 2
@@ -387,7 +410,7 @@ class UNetMode(Mode):
         self.device, self.precision = device, precision
 
     def step(self, x: torch.Tensor, y: torch.Tensor) -> dict[str, torch.Tensor]:
-        net, opt = self.nets["unet"], self.optims["unet"]
+        net, opt = self.train_nets["unet"], self.optims["unet"]
         opt.zero_grad(set_to_none=True)
         with autocast(self.device, self.precision):
             out = net(to_model_range(x))
@@ -430,6 +453,7 @@ class Pix2PixMode(Mode):
             conditional=not cfg.unconditional,
         )
         self.nets = {"generator": g.to(device), "discriminator": d.to(device)}
+        self.train_nets = self.nets
         lr = cfg.lr if cfg.lr is not None else 2e-4
         betas = (0.5, 0.999)
         self.use_gan = cfg.lambda_gan > 0
@@ -444,7 +468,11 @@ class Pix2PixMode(Mode):
         return img if self.cfg.unconditional else torch.cat([center_to(x, img), img], dim=1)
 
     def step(self, x: torch.Tensor, y: torch.Tensor) -> dict[str, torch.Tensor]:
-        g, d = self.nets["generator"], self.nets["discriminator"]
+        # Under DDP g and d are wrappers whose backward averages the gradients over ranks. G's
+        # step calls the plain D (``d_plain``): D is frozen there, so no gradient of D's is due
+        # and D's wrapper must not wait for one.
+        g, d = self.train_nets["generator"], self.train_nets["discriminator"]
+        d_plain = self.nets["discriminator"]
         og, od = self.optims["generator"], self.optims.get("discriminator")
         cfg = self.cfg
         x = to_model_range(x)
@@ -455,7 +483,7 @@ class Pix2PixMode(Mode):
         y = center_to(y, fake)
         if self.use_gan:
             # D first, on the detached fake; its objective halved as in the paper.
-            d.requires_grad_(True)
+            d_plain.requires_grad_(True)
             od.zero_grad(set_to_none=True)
             with autocast(self.device, self.precision):
                 real_pair, fake_pair = self._d_input(x, y), self._d_input(x, fake.detach())
@@ -467,12 +495,12 @@ class Pix2PixMode(Mode):
             loss_d.backward()
             od.step()
             logs["loss_d"] = loss_d.detach()
-            d.requires_grad_(False)  # G's step must not move D
+            d_plain.requires_grad_(False)  # G's step must not move D
         og.zero_grad(set_to_none=True)
         with autocast(self.device, self.precision):
             total = torch.zeros((), device=x.device)
             if self.use_gan:
-                adv = generator_adv_loss(cfg.gan_mode, d(self._d_input(x, fake)).float())
+                adv = generator_adv_loss(cfg.gan_mode, d_plain(self._d_input(x, fake)).float())
                 total = total + cfg.lambda_gan * adv
                 logs["loss_g_gan"] = adv.detach()
             if cfg.lambda_l1 > 0:
@@ -632,13 +660,18 @@ def lr_factor(step: int, total: int, decay_start: float) -> float:
     return max(0.0, 1.0 - (step - start) / (total - start))
 
 
-def total_steps(cfg: TrainConfig, data: PairedData) -> int:
+def steps_per_epoch(cfg: TrainConfig, data: PairedData, world_size: int = 1) -> int:
+    """Steps whose crops (``world_size × --batch-size`` a step) cover the training slices once."""
+    H, W = data.train_x.shape[-2:]
+    crops = len(data.train_x) * H * W / (cfg.crop * cfg.crop)
+    return max(1, math.ceil(crops / cfg.batch_size / world_size))
+
+
+def total_steps(cfg: TrainConfig, data: PairedData, world_size: int = 1) -> int:
     """--max-steps, or --epochs where an epoch is enough crops to cover the training slices once."""
     if cfg.max_steps is not None:
         return cfg.max_steps
-    H, W = data.train_x.shape[-2:]
-    per_epoch = math.ceil(len(data.train_x) * H * W / (cfg.crop * cfg.crop) / cfg.batch_size)
-    return (cfg.epochs or 1) * max(1, per_epoch)
+    return (cfg.epochs or 1) * steps_per_epoch(cfg, data, world_size)
 
 
 def check_config(cfg: TrainConfig) -> None:
@@ -732,41 +765,72 @@ def train(
         raise CellP2PError(
             f"{out}: already holds a run; pass --resume to continue it or choose another --out"
         )
-    device = select_device(cfg.device)
-    precision = resolve_precision(cfg.precision, device)
-    seed_everything(cfg.seed, cfg.deterministic)
-    data = load_data(cfg, ckpt["normalization"] if ckpt else None)
-    mode = make_mode(cfg, data, device, precision)
-    steps = total_steps(cfg, data)
-    best_metric = cfg.best_metric or default_best_metric(cfg, data.target_kind)
-    lower_better = best_metric in ("pixel_error", "l1")
-    start, best, records = 0, None, []
-    if ckpt:
-        for name, net in mode.nets.items():
-            net.load_state_dict(build_from_entry(ckpt["models"][name], ckpt["path"]).state_dict())
-        for name, opt in mode.optims.items():
-            opt.load_state_dict(ckpt["optimizers"][name])
-        start, best = int(ckpt["step"]), ckpt.get("best")
-        random.setstate(_tuple_state(ckpt["rng"]["python"]))
-        records = _read_records(out / "metrics.jsonl", start)
-    scheds = {
-        k: torch.optim.lr_scheduler.LambdaLR(
-            o, lambda s: lr_factor(s, steps, cfg.lr_decay_start), last_epoch=start - 1
-        )
-        for k, o in mode.optims.items()
-    }
-    if ckpt:
-        for k, s in scheds.items():
-            s.load_state_dict(ckpt["schedulers"][k])
-    for net in mode.nets.values():
-        net.train()
+    world = distributed.setup(cfg.device)  # under torchrun: joins the group (kept until exit)
+    return _train(cfg, out, ckpt, world, stop_after, progress)
 
-    out.mkdir(parents=True, exist_ok=True)
-    with RunLock(out):
-        meta = {**asdict(cfg), "total_steps": steps, "best_metric": best_metric}
-        meta.update(versions=versions(device), precision=precision, world_size=1)
-        meta.update(data={**data.sources, "target_kind": data.target_kind, "classes": data.classes})
-        _write_json(out / "config.json", meta)
+
+def _train(
+    cfg: TrainConfig,
+    out: Path,
+    ckpt: dict[str, Any] | None,
+    world: distributed.World,
+    stop_after: int | None,
+    progress: Callable[..., Any] | None,
+) -> dict[str, Any]:
+    with contextlib.ExitStack() as stack:
+        try:  # a failure in one process must stop them all, not leave them waiting for it
+            device = world.device
+            precision = resolve_precision(cfg.precision, device)
+            if cfg.sync_bn and world.size > 1 and device.type != "cuda":
+                raise CellP2PError(
+                    "--sync-bn: torch's SyncBatchNorm runs on CUDA GPUs only; on the CPU leave "
+                    "it off (each process then normalises with the statistics of its own crops)"
+                )
+            seed_everything(cfg.seed, cfg.deterministic)
+            data = load_data(cfg, ckpt["normalization"] if ckpt else None)
+            mode = make_mode(cfg, data, device, precision)
+            steps = total_steps(cfg, data, world.size)
+            best_metric = cfg.best_metric or default_best_metric(cfg, data.target_kind)
+            lower_better = best_metric in ("pixel_error", "l1")
+            start, best, records = 0, None, []
+            if ckpt:
+                for name, net in mode.nets.items():
+                    entry = ckpt["models"][name]
+                    net.load_state_dict(build_from_entry(entry, ckpt["path"]).state_dict())
+                for name, opt in mode.optims.items():
+                    opt.load_state_dict(ckpt["optimizers"][name])
+                start, best = int(ckpt["step"]), ckpt.get("best")
+                random.setstate(_tuple_state(ckpt["rng"]["python"]))
+            scheds = {
+                k: torch.optim.lr_scheduler.LambdaLR(
+                    o, lambda s: lr_factor(s, steps, cfg.lr_decay_start), last_epoch=start - 1
+                )
+                for k, o in mode.optims.items()
+            }
+            if ckpt:
+                for k, s in scheds.items():
+                    s.load_state_dict(ckpt["schedulers"][k])
+            for net in mode.nets.values():
+                net.train()
+            if world.is_main:  # rank 0 alone writes the run folder
+                out.mkdir(parents=True, exist_ok=True)
+                stack.enter_context(RunLock(out))
+                if ckpt:
+                    records = _read_records(out / "metrics.jsonl", start)
+                    _note_world_change(ckpt, world.size, cfg)
+                meta = {**asdict(cfg), "total_steps": steps, "best_metric": best_metric}
+                meta.update(versions=versions(device), precision=precision)
+                meta.update(world_size=world.size, global_batch_size=cfg.batch_size * world.size)
+                meta.update(
+                    data={**data.sources, "target_kind": data.target_kind, "classes": data.classes}
+                )
+                _write_json(out / "config.json", meta)
+        except Exception:
+            world.agree(False, "set-up")
+            raise
+        world.agree(True, "set-up")
+        if world.size > 1:
+            _wrap_for_ddp(mode, world, cfg)
         return _loop(
             cfg,
             out,
@@ -782,6 +846,36 @@ def train(
             device,
             stop_after,
             progress,
+            world,
+        )
+
+
+def _wrap_for_ddp(mode: Mode, world: distributed.World, cfg: TrainConfig) -> None:
+    """DistributedDataParallel around each trained network (with SyncBatchNorm if asked).
+
+    ``mode.nets`` stay the plain networks (same parameters), so checkpoints hold the unwrapped
+    state dicts that a single process loads unchanged.
+    """
+    wrapped = {}
+    for name, net in mode.nets.items():
+        if name not in mode.optims:  # e.g. D in the L1-only ablation: never stepped
+            wrapped[name] = net
+            continue
+        if cfg.sync_bn:  # same parameter and buffer objects: optimizers are unaffected
+            net = torch.nn.SyncBatchNorm.convert_sync_batchnorm(net)
+            mode.nets[name] = net
+        wrapped[name] = world.wrap(net)
+    mode.train_nets = wrapped
+
+
+def _note_world_change(ckpt: dict[str, Any], size: int, cfg: TrainConfig) -> None:
+    before = int(ckpt.get("world_size") or 1)
+    if before != size:
+        print(
+            f"note: resuming a run trained by {before} process(es) with {size}: the global "
+            f"batch changes from {before * cfg.batch_size} to {size * cfg.batch_size} crops, "
+            "so this is not an exact continuation",
+            file=sys.stderr,
         )
 
 
@@ -820,11 +914,13 @@ def _loop(
     device,
     stop_after,
     progress,
+    world=None,
 ) -> dict[str, Any]:
     from tqdm import tqdm
 
+    world = world or distributed.World(device=device)
     loader = torch.utils.data.DataLoader(
-        StepBatches(data, cfg),
+        StepBatches(data, cfg, world.rank, world.size),
         batch_size=None,
         sampler=range(start + 1, steps + 1),
         num_workers=cfg.num_workers,
@@ -835,7 +931,7 @@ def _loop(
     bar = tqdm(
         total=end,
         initial=start,
-        disable=cfg.quiet,
+        disable=cfg.quiet or not world.is_main,
         dynamic_ncols=True,
         desc=cfg.mode,
         file=sys.stderr,
@@ -855,8 +951,8 @@ def _loop(
     step = start
     try:
         for step, (x, y) in zip(range(start + 1, end + 1), loader, strict=False):
-            # Dropout masks and D's interpolates depend on (seed, step) only: resume is exact.
-            torch.manual_seed(cfg.seed * 1_000_003 + step)
+            # Dropout masks and D's interpolates depend on (seed, step, rank): resume is exact.
+            torch.manual_seed(distributed.step_seed(cfg.seed, step, world.rank))
             x = x.to(device, non_blocking=True)
             y = y.to(device, non_blocking=True)
             logs = mode.step(x, y)
@@ -866,36 +962,47 @@ def _loop(
             for s in scheds.values():
                 s.step()
             bar.update(1)
+            if world.size > 1:  # an interrupt seen by one process stops all at the same step
+                interrupted = world.any(interrupted)
             if step % cfg.eval_every == 0 or step == end or interrupted:
                 elapsed = time.perf_counter() - t_since
-                losses = {k: float(v) / n_since for k, v in sums.items()}
-                record, best = _evaluate(
-                    cfg,
-                    out,
-                    mode,
-                    data,
-                    scheds,
-                    step,
-                    steps,
-                    losses,
-                    n_since * cfg.batch_size / max(elapsed, 1e-9),
-                    best,
-                    best_metric,
-                    lower_better,
-                    records,
-                    device,
-                )
-                bar.set_postfix({k: f"{v:.3g}" for k, v in losses.items()})
-                if cfg.quiet:
-                    print(_log_line(record), file=sys.stderr, flush=True)
-                if progress:
-                    progress(record)
+                losses = world.mean({k: float(v) / n_since for k, v in sums.items()})
+                if world.is_main:  # the others wait at world.agree below
+                    try:
+                        record, best = _evaluate(
+                            cfg,
+                            out,
+                            mode,
+                            data,
+                            scheds,
+                            step,
+                            steps,
+                            losses,
+                            n_since * cfg.batch_size * world.size / max(elapsed, 1e-9),
+                            best,
+                            best_metric,
+                            lower_better,
+                            records,
+                            device,
+                            world.size,
+                        )
+                    except Exception:
+                        world.agree(False, f"validation and checkpointing at step {step}")
+                        raise
+                    bar.set_postfix({k: f"{v:.3g}" for k, v in losses.items()})
+                    if cfg.quiet:
+                        print(_log_line(record), file=sys.stderr, flush=True)
+                    if progress:
+                        progress(record)
+                world.agree(True, f"validation and checkpointing at step {step}")
                 sums, n_since, t_since = {}, 0, time.perf_counter()
             if interrupted:
-                print(
-                    f"interrupted at step {step}: checkpoint written to {out}/checkpoints/last.pt",
-                    file=sys.stderr,
-                )
+                if world.is_main:
+                    print(
+                        f"interrupted at step {step}: checkpoint written to "
+                        f"{out}/checkpoints/last.pt",
+                        file=sys.stderr,
+                    )
                 break
     finally:
         bar.close()
@@ -903,7 +1010,7 @@ def _loop(
             signal.signal(signal.SIGINT, previous)
     if interrupted:
         raise KeyboardInterrupt
-    return record
+    return world.broadcast(record)  # every process returns rank 0's final record
 
 
 def threading_is_main() -> bool:
@@ -933,11 +1040,11 @@ def _evaluate(
     lower_better,
     records,
     device,
+    world_size=1,
 ) -> tuple[dict, dict | None]:
-    """Validate, write the record, the sample panel, the curve and the checkpoints."""
+    """Validate, write the record, the sample panel, the curve and the checkpoints (rank 0)."""
     val, pred = validate_run(mode, data, device)
-    H, W = data.train_x.shape[-2:]
-    per_epoch = max(1, math.ceil(len(data.train_x) * H * W / (cfg.crop**2) / cfg.batch_size))
+    per_epoch = steps_per_epoch(cfg, data, world_size)
     record = {
         "step": step,
         "epoch": step / per_epoch,
@@ -977,6 +1084,7 @@ def _evaluate(
         },
         "step": step,
         "total_steps": steps,
+        "world_size": world_size,
         "best": best,
         "rng": {
             "python": _listify(random.getstate()),

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import json
 import sys
 from dataclasses import fields
@@ -26,12 +27,26 @@ class Group(click.Group):
         except KeyboardInterrupt:
             click.echo("Interrupted.", err=True)
             ctx.exit(130)
-        except OSError as err:
-            if err.errno == 28:  # ENOSPC
-                raise click.ClickException(
-                    f"{err.filename or 'output'}: disk full; free space or choose another folder"
-                ) from None
-            raise
+        except OSError as err:  # a file system refusal the library did not foresee: one line
+            raise click.ClickException(_os_error_line(err)) from None
+
+
+_OS_ERROR_HINTS = {
+    errno.ENOSPC: "disk full; free space or choose another folder",
+    errno.EDQUOT: "disk quota exceeded; free space or choose another folder",
+    errno.EACCES: "permission denied; check its permissions or choose another path",
+    errno.EPERM: "permission denied; check its permissions or choose another path",
+    errno.EROFS: "read-only file system; choose another folder",
+    errno.ENOTDIR: "a part of the path is a file, not a folder; choose another path",
+    errno.EISDIR: "is a folder; give a file",
+    errno.ENOENT: "no such file or folder; check the path",
+}
+
+
+def _os_error_line(err: OSError) -> str:
+    where = err.filename if err.filename is not None else "output"
+    what = _OS_ERROR_HINTS.get(err.errno) or f"{err.strerror or err}; check the path"
+    return f"{where}: {what}"
 
 
 @click.group(cls=Group, context_settings={"help_option_names": ["-h", "--help"]})
@@ -277,13 +292,16 @@ def _train_config(ctx: click.Context, params: dict[str, Any]) -> tuple[Any, dict
     config_file = params.get("config_file")
     if config_file:
         try:
-            values.update(json.loads(Path(config_file).read_text()))
+            loaded = json.loads(Path(config_file).read_text())
         except FileNotFoundError:
             raise CellP2PError(f"{config_file}: no such config file") from None
         except (json.JSONDecodeError, UnicodeDecodeError) as err:
             raise CellP2PError(f"{config_file}: not valid JSON ({err}); fix the file") from None
-        if not isinstance(values, dict):
-            raise CellP2PError(f"{config_file}: must hold a JSON object of options")
+        if not isinstance(loaded, dict):
+            raise CellP2PError(
+                f'{config_file}: must hold a JSON object of options, e.g. {{"crop": 256}}'
+            )
+        values.update(loaded)
     explicit = {}
     for key, value in params.items():
         if key not in names:

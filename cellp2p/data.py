@@ -302,11 +302,22 @@ def _parse_file(path: Path, i: int, raw: Any) -> ManifestFile:
     )
 
 
-def parse_indices(spec: str | list[int], *, where: str = "indices") -> list[int]:
-    """``"0-24"`` / ``"0-9,12"`` (inclusive ranges) or a list of ints -> sorted unique list."""
+MAX_SLICES = 1_000_000  # no stack has more; larger indices are typos (and would eat memory)
+
+
+def parse_indices(
+    spec: str | list[int], *, where: str = "indices", limit: int = MAX_SLICES
+) -> list[int]:
+    """``"0-24"`` / ``"0-9,12"`` (inclusive ranges) or a list of ints -> sorted unique list.
+
+    Indices must be below ``limit``; checked before a range is expanded, so ``"0-99999999999"``
+    is refused at once instead of filling memory.
+    """
     if isinstance(spec, list):
         if not all(isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in spec):
             raise ValueError(f"{where}: list must hold non-negative integers")
+        if spec and max(spec) >= limit:
+            raise ValueError(f"{where}: slice {max(spec)} is beyond the {limit} slices")
         return sorted(set(spec))
     if not isinstance(spec, str):
         raise ValueError(f"{where}: give a list of integers or a range string such as '0-24'")
@@ -319,6 +330,8 @@ def parse_indices(spec: str | list[int], *, where: str = "indices") -> list[int]
         hi = int(match.group(2)) if match.group(2) is not None else lo
         if hi < lo:
             raise ValueError(f"{where}: range {item!r} runs backwards")
+        if hi >= limit:
+            raise ValueError(f"{where}: slice {hi} is beyond the {limit} slices")
         out.update(range(lo, hi + 1))
     return sorted(out)
 
@@ -367,9 +380,10 @@ def _parse_manifest(raw: Any, path: Path) -> Manifest:
     if raw.get("split") is not None:
         sp = _expect(path, "split", raw["split"], dict)
         _check_keys(path, "split", sp, {"train", "val", "test"})
+        nz = next((f.shape[0] for f in files if f.role == "volume"), MAX_SLICES)
         for key, spec in sp.items():
             try:
-                split[key] = parse_indices(spec, where=f"split.{key}")
+                split[key] = parse_indices(spec, where=f"split.{key}", limit=nz)
             except ValueError as err:
                 raise _bad(path, str(err)) from None
         seen: dict[int, str] = {}
@@ -378,9 +392,6 @@ def _parse_manifest(raw: Any, path: Path) -> Manifest:
                 if i in seen:
                     raise _bad(path, f"split: slice {i} is in both {seen[i]} and {key}")
                 seen[i] = key
-        nz = next((f.shape[0] for f in files if f.role == "volume"), None)
-        if nz is not None and seen and max(seen) >= nz:
-            raise _bad(path, f"split: slice {max(seen)} is beyond the volume's {nz} slices")
 
     pixel_size = None
     if raw.get("pixel_size") is not None:
@@ -550,6 +561,8 @@ def fetch(
         raise CellP2PError(
             f"{target}: cannot create the folder ({err.strerror}); choose another --dest"
         ) from None
+    if not os.access(target, os.W_OK):
+        raise CellP2PError(f"{target}: folder is not writable; choose another --dest")
 
     out: dict[str, Path] = {}
     for entry in manifest.files:
@@ -738,8 +751,12 @@ def _fmt_ranges(ids: list[int]) -> str:
 
 def info(path_or_manifest: str | Path) -> str:
     """Human summary of an image file/folder (shape, dtype, range, labels) or a manifest."""
+    from cellp2p.io import IMAGE_SUFFIXES
+
     text = str(path_or_manifest)
     path = Path(text)
     if path.exists() and not (path.is_file() and path.suffix.lower() == ".json"):
         return _summarise_path(path)
+    if path.suffix.lower() in IMAGE_SUFFIXES:
+        raise CellP2PError(f"{path}: no such file or folder; check the path")
     return _summarise_manifest(load_manifest(text))

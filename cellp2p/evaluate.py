@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -15,6 +16,7 @@ from cellp2p import io
 from cellp2p.errors import CellP2PError
 from cellp2p.metrics import evaluate_arrays, format_table
 from cellp2p.transforms import parse_slices
+from cellp2p.validate import check_finite
 
 
 def _single_channel(data: np.ndarray, path: Path) -> np.ndarray:
@@ -90,16 +92,41 @@ def to_json(obj: Any) -> Any:
 
 
 def write_json(path: str | Path, obj: Any) -> Path:
-    """Write strict JSON atomically (temporary file, then rename)."""
+    """Write strict JSON atomically (temporary file, then rename); nothing is left on failure."""
     path = Path(path)
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
     except OSError as err:
         raise CellP2PError(f"{path.parent}: cannot create the folder ({err.strerror})") from None
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.part")
-    tmp.write_text(json.dumps(to_json(obj), indent=2, allow_nan=False) + "\n")
-    os.replace(tmp, path)
+    write_text_atomic(path, json.dumps(to_json(obj), indent=2, allow_nan=False) + "\n")
     return path
+
+
+def write_text_atomic(path: str | Path, text: str) -> Path:
+    """Write a text file through a temporary file renamed into place.
+
+    A failed write (disk full) raises a CellP2PError naming ``path`` and leaves neither a
+    partial file at ``path`` nor the temporary file.
+    """
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.part")
+    try:
+        tmp.write_text(text)
+        os.replace(tmp, path)
+    except OSError as err:
+        raise io.write_failed(path, err) from None
+    finally:
+        with contextlib.suppress(OSError):
+            tmp.unlink(missing_ok=True)
+    return path
+
+
+def _check_json_path(path: str | Path) -> None:
+    """Where --json goes must be writable before anything is computed (it may be replaced)."""
+    path = Path(path)
+    if path.suffix.lower() != ".json":
+        raise CellP2PError(f"--json {path}: give a file name ending in .json")
+    io.check_output(path, force=True)
 
 
 def evaluate(
@@ -123,11 +150,20 @@ def evaluate(
     """
     if task not in ("segment", "translate"):
         raise CellP2PError(f"--task {task!r} unknown; use segment or translate")
+    if data_range is not None and not (math.isfinite(data_range) and data_range > 0):
+        raise CellP2PError(
+            f"--data-range {data_range}: give the positive intensity range of the target "
+            "(e.g. 255 for 8-bit images), or leave it out"
+        )
+    if json_path is not None:
+        _check_json_path(json_path)
     pred, target, ids = load_pair(pred_path, labels_path, slices)
+    check_finite(pred, pred_path)
+    check_finite(target, labels_path)
     result = evaluate_arrays(pred, target, task, kind=kind, data_range=data_range, slice_ids=ids)
     result = {"prediction": str(pred_path), "labels": str(labels_path), **result}
+    if json_path is not None:  # first: a failed write must not follow a printed table
+        write_json(json_path, result)
     if echo is not None:
         echo(format_table(result))
-    if json_path is not None:
-        write_json(json_path, result)
     return result

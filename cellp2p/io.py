@@ -7,9 +7,12 @@ Pixel size is ``spacing = (z, y, x)`` in ``unit`` (micrometres by default).
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import logging
 import os
 import re
+import warnings
 import xml.etree.ElementTree as ET
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -40,6 +43,15 @@ class Stack:
     def axes(self) -> str:
         """``ZYX`` or ``ZCYX``."""
         return "ZYX" if self.data.ndim == 3 else "ZCYX"
+
+
+@contextlib.contextmanager
+def _quiet() -> Iterator[None]:
+    """Silence reader warnings (PIL: "Corrupt EXIF data", ...): a damaged file is refused with
+    one error line, and a readable one needs no warning printed beside the result."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        yield
 
 
 def _natural_key(name: str) -> list:
@@ -80,16 +92,8 @@ class StackReader:
         if not self.path.exists():
             raise _missing(self.path)
         try:
-            if self.path.is_dir():
-                self._open_dir()
-            elif self.path.suffix.lower() in TIFF_SUFFIXES:
-                self._open_tiff()
-            else:
-                arr = _read_2d(self.path)
-                if arr.ndim == 3:  # RGB (Y, X, S) -> (C, Y, X), as for every other source
-                    arr = np.moveaxis(arr, -1, 0)
-                self._array = arr[None]
-                self._finish_shape(self._array.shape[1:])
+            with _quiet():
+                self._open()
         except CellP2PError:
             self.close()
             raise
@@ -98,6 +102,18 @@ class StackReader:
             raise _corrupt(self.path, err) from None
 
     # -- opening -------------------------------------------------------------------------------
+    def _open(self) -> None:
+        if self.path.is_dir():
+            self._open_dir()
+        elif self.path.suffix.lower() in TIFF_SUFFIXES:
+            self._open_tiff()
+        else:
+            arr = _read_2d(self.path)
+            if arr.ndim == 3:  # RGB (Y, X, S) -> (C, Y, X), as for every other source
+                arr = np.moveaxis(arr, -1, 0)
+            self._array = arr[None]
+            self._finish_shape(self._array.shape[1:])
+
     def _open_dir(self) -> None:
         files = [p for p in self.path.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES]
         if not files:
@@ -126,6 +142,11 @@ class StackReader:
             raise CellP2PError(f"{self.path}: stack has no slices ({axes} {shape}); re-export it")
         _check_complete(self.path, tif, series, log.problems)
         self.dtype = np.dtype(series.dtype)
+        if self.dtype.kind not in "biuf":
+            raise CellP2PError(
+                f"{self.path}: pixels of type {self.dtype.name} are not an image cellp2p reads; "
+                "save it as 8/16-bit integers or float32 (e.g. the magnitude of complex data)"
+            )
         if len(shape) > 6:
             raise CellP2PError(
                 f"{self.path}: {len(shape)} axes ({axes}); cellp2p reads up to Z, C, Y, X "
@@ -249,18 +270,8 @@ class StackReader:
             raise IndexError(f"slice {index} out of range for {self._nslices} slices")
         index %= self._nslices
         try:
-            if self._array is not None:
-                out = self._array[index]
-            elif self._files is not None:
-                out = _read_2d(self._files[index])
-                if out.shape[:2] != tuple(self.shape[-2:]):
-                    raise CellP2PError(
-                        f"{self._files[index]}: size {out.shape[:2]} differs from "
-                        f"{self._files[0].name} {tuple(self.shape[-2:])}; all images of a "
-                        "folder must have the same size"
-                    )
-            else:
-                out = self._read_tiff_slice(index)
+            with _quiet():
+                out = self._read_slice(index)
         except CellP2PError:
             raise
         except Exception as err:
@@ -269,6 +280,20 @@ class StackReader:
         if rgb_last and out.shape[0] != self._nchan:
             out = np.moveaxis(out, -1, 0)
         return np.ascontiguousarray(out)
+
+    def _read_slice(self, index: int) -> np.ndarray:
+        if self._array is not None:
+            return self._array[index]
+        if self._files is not None:
+            out = _read_2d(self._files[index])
+            if out.shape[:2] != tuple(self.shape[-2:]):
+                raise CellP2PError(
+                    f"{self._files[index]}: size {out.shape[:2]} differs from "
+                    f"{self._files[0].name} {tuple(self.shape[-2:])}; all images of a "
+                    "folder must have the same size"
+                )
+            return out
+        return self._read_tiff_slice(index)
 
     def _read_tiff_slice(self, index: int) -> np.ndarray:
         assert self._tif is not None
@@ -418,24 +443,65 @@ def read_ab(path: str | Path) -> tuple[Stack, Stack]:
 # -- writing -----------------------------------------------------------------------------------
 
 
+def _file_in_the_way(path: Path) -> Path | None:
+    """The nearest existing ancestor of ``path`` when it is a file rather than a folder."""
+    for parent in path.parents:
+        if parent.exists():
+            return None if parent.is_dir() else parent
+    return None
+
+
 def check_output(path: str | Path, force: bool = False) -> Path:
     """Refuse to overwrite an existing file without ``force``; make the folder if needed."""
     path = Path(path)
+    blocker = _file_in_the_way(path)
+    if blocker is not None:
+        raise CellP2PError(
+            f"{path}: cannot write it: {blocker} is a file, not a folder; "
+            "choose another output folder"
+        )
     if path.exists() and not force:
         raise CellP2PError(
             f"{path}: already exists; pass --force to overwrite it or choose another name"
         )
     if path.is_dir():
-        raise CellP2PError(f"{path}: is a folder; give a file name ending in .tif")
+        kind = path.suffix or ".tif"
+        raise CellP2PError(f"{path}: is a folder; give a file name ending in {kind}")
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
     except OSError as err:
         raise CellP2PError(
-            f"{path.parent}: cannot create the output folder ({err.strerror})"
+            f"{path.parent}: cannot create the output folder ({err.strerror}); "
+            "choose another output folder"
         ) from None
     if not os.access(path.parent, os.W_OK):
         raise CellP2PError(f"{path.parent}: folder is not writable; choose another output folder")
     return path
+
+
+def check_folder_writable(folder: str | Path) -> Path:
+    """Refuse a folder (or the nearest existing folder above it) that cannot be written to."""
+    folder = Path(folder)
+    blocker = _file_in_the_way(folder / "x")
+    if blocker is not None:
+        raise CellP2PError(
+            f"{folder}: cannot write it: {blocker} is a file, not a folder; choose another folder"
+        )
+    existing = next(p for p in (folder, *folder.parents) if p.exists())
+    if not os.access(existing, os.W_OK):
+        raise CellP2PError(f"{existing}: folder is not writable; choose another output folder")
+    return folder
+
+
+def write_failed(path: Path, err: OSError) -> CellP2PError:
+    """One line for a write that failed part-way (disk full, quota, I/O error)."""
+    reason = err.strerror or str(err) or type(err).__name__
+    hint = (
+        "free some space or choose another output folder"
+        if err.errno in (errno.ENOSPC, errno.EDQUOT)
+        else "check the output folder and try again"
+    )
+    return CellP2PError(f"{path}: could not be written ({reason}); nothing was saved: {hint}")
 
 
 def _temp_name(path: Path) -> Path:
@@ -516,7 +582,12 @@ class StackWriter:
         self._count = 0
 
     def __enter__(self) -> StackWriter:
-        self._tif = tifffile.TiffWriter(self._tmp, **self._writer_kw)
+        try:
+            self._tif = tifffile.TiffWriter(self._tmp, **self._writer_kw)
+        except OSError as err:
+            with contextlib.suppress(OSError):
+                self._tmp.unlink(missing_ok=True)
+            raise write_failed(self.path, err) from None
         return self
 
     def write(self, plane: np.ndarray) -> None:
@@ -530,17 +601,36 @@ class StackWriter:
         if plane.ndim == 2 and self._writer_kw["imagej"]:
             # (1, Y, X) pages make tifffile count ImageJ pages as Z slices, not channels.
             plane = plane[None]
-        self._tif.write(plane, contiguous=True, **self._write_kw)
+        try:
+            self._tif.write(plane, contiguous=True, **self._write_kw)
+        except OSError as err:  # disk full, quota, I/O error: the caller's exit removes the temp
+            raise write_failed(self.path, err) from None
         self._count += 1
 
     def close(self, ok: bool = True) -> None:
-        if self._tif is not None:
-            self._tif.close()
-            self._tif = None
-        if ok and self._count == self.shape[0]:
-            os.replace(self._tmp, self.path)
-        else:
-            self._tmp.unlink(missing_ok=True)
+        """Finish the file and rename it into place (``ok``), or remove the temporary file.
+
+        Whatever fails on the way (flushing to a full disk, the rename), the temporary file is
+        removed and nothing appears at the final path.
+        """
+        renamed = False
+        try:
+            if self._tif is not None:
+                tif, self._tif = self._tif, None
+                if ok:
+                    tif.close()
+                else:
+                    with contextlib.suppress(Exception):  # already failing: keep that error
+                        tif.close()
+            if ok and self._count == self.shape[0]:
+                os.replace(self._tmp, self.path)
+                renamed = True
+        except OSError as err:
+            raise write_failed(self.path, err) from None
+        finally:
+            if not renamed:
+                with contextlib.suppress(OSError):
+                    self._tmp.unlink(missing_ok=True)
 
     def __exit__(self, exc_type: object, *exc: object) -> None:
         self.close(ok=exc_type is None)

@@ -497,6 +497,29 @@ def _section(ckpt: dict[str, Any], key: str, path: Any) -> Any:
     return ckpt[key]
 
 
+def _int(value: Any) -> int:
+    if isinstance(value, bool) or not isinstance(value, int | float) or value != int(value):
+        raise ValueError(f"class value {value!r} is not an integer")
+    return int(value)
+
+
+def _normalization(record: Any) -> Any:
+    """A checkpoint's normalisation record, checked: finite range, vmax > vmin, a real dtype."""
+    from cellp2p.transforms import Normalization
+
+    if not isinstance(record, dict):
+        raise TypeError(f"normalisation {record!r} is not a record")
+    norm = Normalization.from_dict(record)
+    vmin, vmax = norm.vmin, norm.vmax
+    if not all(isinstance(v, int | float) and not isinstance(v, bool) for v in (vmin, vmax)):
+        raise TypeError(f"range {vmin!r}..{vmax!r} is not numeric")
+    if not (math.isfinite(vmin) and math.isfinite(vmax) and vmax > vmin):
+        raise ValueError(f"range {vmin!r}..{vmax!r} is not a finite, increasing range")
+    if not isinstance(norm.dtype, str) or np.dtype(norm.dtype).kind not in "biuf":
+        raise ValueError(f"dtype {norm.dtype!r} is not an image type")
+    return norm
+
+
 def load_predictor(
     model: str | Path,
     device: str = "auto",
@@ -508,7 +531,6 @@ def load_predictor(
     """Rebuild the network of a run folder (best.pt, else last.pt) or checkpoint file."""
     from cellp2p.checkpoint import build_from_entry, load_checkpoint
     from cellp2p.runtime import resolve_precision, select_device
-    from cellp2p.transforms import Normalization
 
     dev = select_device(device)
     prec = resolve_precision(precision, dev)
@@ -518,27 +540,52 @@ def load_predictor(
     models = _section(ckpt, "models", path)
     norms = _section(ckpt, "normalization", path)
     data = _section(ckpt, "data", path)
-    name = {"unet": "unet", "pix2pix": "generator"}.get(mode)
-    if name is None or name not in models:
+    name = {"unet": "unet", "pix2pix": "generator"}.get(mode) if isinstance(mode, str) else None
+    if name is None or not isinstance(models, dict) or name not in models:
         raise CellP2PError(f"{path}: checkpoint of mode {mode!r} holds no network to predict with")
-    net = build_from_entry(models[name], path)
+    if not isinstance(norms, dict) or not isinstance(data, dict):
+        raise CellP2PError(
+            f"{path}: normalisation or data record is damaged; use another checkpoint"
+        )
+    entry = models[name]
+    if not isinstance(entry, dict) or entry.get("kind") != name:
+        raise CellP2PError(
+            f"{path}: the {name} entry is not a {name} network; use a checkpoint written by "
+            "'cellp2p train'"
+        )
+    net = build_from_entry(entry, path)
     try:
-        input_norm = Normalization.from_dict(norms["input"])
+        input_norm = _normalization(norms["input"])
         target = norms.get("target")
-        target_norm = Normalization.from_dict(target) if target else None
+        target_norm = _normalization(target) if target else None
         target_kind = str(data["target_kind"])
-    except (KeyError, TypeError) as err:
-        raise CellP2PError(f"{path}: normalisation record is incomplete ({err})") from None
+        classes = [_int(c) for c in data.get("classes") or []]
+        train_config = dict(ckpt.get("train_config") or {})
+        record = dict(ckpt.get("record") or {})
+    except (KeyError, TypeError, ValueError) as err:
+        raise CellP2PError(
+            f"{path}: normalisation record is incomplete or damaged ({err}); "
+            "use a checkpoint written by 'cellp2p train'"
+        ) from None
+    if target_kind not in ("binary", "multiclass", "image") or (
+        target_kind == "image" and target_norm is None
+    ):
+        raise CellP2PError(f"{path}: unknown target kind {target_kind!r}; use another checkpoint")
+    if target_kind == "multiclass" and len(classes) != int(net.config.out_channels):
+        raise CellP2PError(
+            f"{path}: {len(classes)} class values for {net.config.out_channels} outputs; "
+            "the checkpoint is damaged: use another one"
+        )
     return Predictor(
         net,
         mode=mode,
         task=str(ckpt.get("task") or ("translate" if target_kind == "image" else "segment")),
         target_kind=target_kind,
-        classes=[int(c) for c in data.get("classes") or []],
+        classes=classes,
         input_norm=input_norm,
         target_norm=target_norm,
-        train_config=dict(ckpt.get("train_config") or {}),
-        record=dict(ckpt.get("record") or {}),
+        train_config=train_config,
+        record=record,
         checkpoint_path=Path(path),
         in_channels=int(net.config.in_channels),
         out_channels=int(net.config.out_channels),

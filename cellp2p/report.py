@@ -8,6 +8,7 @@ task/direction) and ``loss_curves.png`` (every run's losses and validation metri
 from __future__ import annotations
 
 import base64
+import contextlib
 import html
 import json
 import math
@@ -20,7 +21,7 @@ import numpy as np
 
 from cellp2p import io
 from cellp2p.errors import CellP2PError
-from cellp2p.evaluate import to_json, write_json
+from cellp2p.evaluate import to_json, write_json, write_text_atomic
 from cellp2p.metrics import evaluate_arrays
 from cellp2p.transforms import parse_slices
 
@@ -410,10 +411,34 @@ def save_slice_panel(
     # A fixed layout: tight_layout measures every artist and costs seconds per figure.
     top = 1 - 0.7 / (2.9 * rows)
     fig.subplots_adjust(left=0.01, right=0.99, bottom=0.01, top=top, wspace=0.04, hspace=0.12)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    _save_figure(fig, path, dpi=100)
     return path
+
+
+def _save_figure(fig: Any, path: Path, dpi: int) -> None:
+    """Save a figure through a temporary file renamed into place; close it whatever happens."""
+    import os
+
+    tmp = path.with_name(f".{path.stem}.{os.getpid()}.part{path.suffix}")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fig.savefig(tmp, dpi=dpi)
+        os.replace(tmp, path)
+    except OSError as err:
+        raise io.write_failed(path, err) from None
+    finally:
+        _plt().close(fig)
+        with contextlib.suppress(OSError):
+            tmp.unlink(missing_ok=True)
+
+
+def check_report_folder(out: str | Path) -> Path:
+    """The report folder, created and writable, before any run is loaded or predicted."""
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise CellP2PError(f"--out {out}: is a file; give a folder for the report")
+    io.check_output(out / "report.md", force=True)
+    return out
 
 
 def _wrap(text: str, width: int) -> str:
@@ -455,9 +480,7 @@ def plot_loss_curves(path: Path, names: Sequence[str], histories: Sequence[list[
     fig.subplots_adjust(
         left=0.07, right=0.98, bottom=0.6 / (3.2 * nrows), top=top, wspace=0.28, hspace=0.45
     )
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=90)
-    plt.close(fig)
+    _save_figure(fig, path, dpi=90)
     return path
 
 
@@ -733,7 +756,7 @@ def compare(
     if checkpoint not in ("last", "best"):
         raise CellP2PError(f"--checkpoint {checkpoint!r} unknown; use last or best")
     say = echo or (lambda _msg: None)
-    out = Path(out)
+    out = check_report_folder(out)
     dirs = [run_folder(r) for r in runs]
     run_names = _unique_names(dirs, names)
 
@@ -750,16 +773,36 @@ def compare(
     vpath, lpath, man_val, data_info = resolve_data(
         volume, labels, manifest, data_dir, configs, say
     )
+    from cellp2p import validate
+
     with io.open_stack(vpath) as vr, io.open_stack(lpath) as lr:
         n = len(vr)
-        from cellp2p import validate
-
         validate.check_pair(vr.shape, lr.shape, vpath, lpath)
+        vshape, lshape = tuple(vr.shape), tuple(lr.shape)
+    if len(lshape) != 3:
+        raise CellP2PError(f"{lpath}: labels have {lshape[1]} channels; compare needs one")
+    # Every run must take the images it will be given, before anything is predicted.
+    for run, pred in zip(runs, predictors, strict=True):
+        btoa = (pred.train_config or {}).get("direction") == "BtoA"
+        src, shape = (lpath, lshape) if btoa else (vpath, vshape)
+        nchan = 1 if len(shape) == 3 else shape[1]
+        if nchan != pred.in_channels:
+            raise CellP2PError(
+                f"{src}: {nchan} channel(s) but {run} was trained on {pred.in_channels}; "
+                "compare runs on the data they were trained on"
+            )
+    seg_predictor = _load_segmenter(segmenter, device) if segmenter is not None else None
+    vchan = 1 if len(vshape) == 3 else vshape[1]
+    if seg_predictor is not None and seg_predictor.in_channels != vchan:
+        raise CellP2PError(
+            f"{vpath}: {vchan} channel(s) but --segmenter {segmenter} was trained on "
+            f"{seg_predictor.in_channels}; give a segmenter trained on these images"
+        )
     ids, ids_from = held_out_slices(n, slices, man_val, configs, say)
     vol = io.read_stack(vpath, ids).data
     lab = io.read_stack(lpath, ids).data
-    if lab.ndim != 3:
-        raise CellP2PError(f"{lpath}: labels have {lab.shape[1]} channels; compare needs one")
+    validate.check_finite(vol, vpath)
+    validate.check_finite(lab, lpath)
 
     run_rows: dict[str, dict] = {}
     outputs: dict[str, np.ndarray] = {}
@@ -795,7 +838,7 @@ def compare(
     seg_probs: dict[str, Any] = {}
     if segmenter is not None:
         seg_probs = _segmentability(
-            segmenter, device, groups, run_rows, outputs, vol, lab, ids, say
+            seg_predictor, segmenter, groups, run_rows, outputs, vol, lab, ids, say
         )
     elif any(g["task"] == "translate" and g["direction"] == "BtoA" for g in groups):
         say("note: pass --segmenter RUN to score how segmentable the generated images are")
@@ -840,25 +883,15 @@ def compare(
         "runs": run_rows,
         "files": {"loss_curves": str(curves.relative_to(out))},
     }
-    (out / "report.md").write_text(render_markdown(report))
-    (out / "report.html").write_text(render_html(report, out))
+    write_text_atomic(out / "report.md", render_markdown(report))
+    write_text_atomic(out / "report.html", render_html(report, out))
     write_json(out / "report.json", report)
     say(f"wrote {out / 'report.md'}, report.html and report.json")
     return to_json(report)
 
 
-def _segmentability(
-    segmenter: str | Path,
-    device: str,
-    groups: list[dict],
-    run_rows: dict[str, dict],
-    outputs: dict[str, np.ndarray],
-    vol: np.ndarray,
-    lab: np.ndarray,
-    ids: list[int],
-    say: Echo,
-) -> dict[str, np.ndarray]:
-    """FCN-score: the segmenter on real and on generated images; fills the groups and rows."""
+def _load_segmenter(segmenter: str | Path, device: str) -> Any:
+    """The --segmenter run, which must segment real images (task segment, direction AtoB)."""
     from cellp2p.predict import load_predictor
 
     seg = load_predictor(segmenter, device)
@@ -868,6 +901,21 @@ def _segmentability(
             f"{segmenter}: --segmenter must be a segmentation run trained on real images "
             "(task segment, direction AtoB)"
         )
+    return seg
+
+
+def _segmentability(
+    seg: Any,
+    segmenter: str | Path,
+    groups: list[dict],
+    run_rows: dict[str, dict],
+    outputs: dict[str, np.ndarray],
+    vol: np.ndarray,
+    lab: np.ndarray,
+    ids: list[int],
+    say: Echo,
+) -> dict[str, np.ndarray]:
+    """FCN-score: the segmenter on real and on generated images; fills the groups and rows."""
     targets = [g for g in groups if g["task"] == "translate" and g["direction"] == "BtoA"]
     if not targets:
         say("note: --segmenter only scores runs that make images from labels (--direction BtoA)")

@@ -120,7 +120,7 @@ class TrainConfig:
 def _is_type(value: Any, kind: str) -> bool:
     if kind == "bool" or isinstance(value, bool):
         return kind == "bool" and isinstance(value, bool)
-    types = {"int": int, "float": (int, float), "str": str, "dict": dict}
+    types = {"int": int, "float": (int, float), "str": str, "dict": dict, "None": type(None)}
     return isinstance(value, types.get(kind, object))
 
 
@@ -693,10 +693,19 @@ def check_config(cfg: TrainConfig) -> None:
         raise CellP2PError(f"--max-steps must be positive, got {cfg.max_steps}")
     if cfg.epochs is not None and cfg.epochs <= 0:
         raise CellP2PError(f"--epochs must be positive, got {cfg.epochs}")
-    if cfg.lr is not None and not cfg.lr > 0:
-        raise CellP2PError(f"--lr must be positive, got {cfg.lr}")
-    if cfg.lambda_l1 < 0 or cfg.lambda_gan < 0:
-        raise CellP2PError("--lambda-l1 and --lambda-gan must be >= 0")
+    if cfg.lr is not None and not (math.isfinite(cfg.lr) and cfg.lr > 0):
+        raise CellP2PError(f"--lr must be a positive number, got {cfg.lr}")
+    if not all(math.isfinite(v) and v >= 0 for v in (cfg.lambda_l1, cfg.lambda_gan)):
+        raise CellP2PError(
+            f"--lambda-l1 and --lambda-gan must be finite and >= 0, got "
+            f"{cfg.lambda_l1} and {cfg.lambda_gan}"
+        )
+    if not 0 <= cfg.seed < 2**32:
+        raise CellP2PError(f"--seed must be in 0..{2**32 - 1}, got {cfg.seed}")
+    if cfg.num_workers < 0:
+        raise CellP2PError(
+            f"--num-workers must be 0 (load in the main process) or more, got {cfg.num_workers}"
+        )
     if cfg.mode == "pix2pix" and cfg.lambda_l1 == 0 and cfg.lambda_gan == 0:
         raise CellP2PError("--lambda-l1 0 with --lambda-gan 0 leaves nothing to train; set one > 0")
     if cfg.receptive_field not in (1, 16, 70, 286):
@@ -761,6 +770,7 @@ def train(
         saved = TrainConfig.from_dict(ckpt["train_config"], str(ckpt_dir / "last.pt"))
         cfg = TrainConfig.from_dict({**asdict(saved), **(resume_overrides or {})}, "--resume")
     check_config(cfg)
+    io.check_folder_writable(out)
     if not resume and ckpt_dir.joinpath("last.pt").exists():
         raise CellP2PError(
             f"{out}: already holds a run; pass --resume to continue it or choose another --out"

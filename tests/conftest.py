@@ -78,3 +78,32 @@ def _check_cli_error(result: Result, *names: str | Path) -> str:
 def check_cli_error():
     """``check_cli_error(result, *paths)`` asserts the one-line error contract, returns the line."""
     return _check_cli_error
+
+
+# -- property-test tally -----------------------------------------------------------------------
+
+# Filled by tests/test_reliability.py's property tests; reported once at the end of the run.
+PROPERTY_STATS: dict[str, int] = {
+    "tried": 0,
+    "tracebacks": 0,
+    "exit_0": 0,
+    "exit_1": 0,
+    "exit_2": 0,
+}
+
+
+@pytest.fixture(scope="session")
+def property_stats() -> dict[str, int]:
+    """The session's tally of malformed inputs tried by the property tests."""
+    return PROPERTY_STATS
+
+
+def pytest_terminal_summary(terminalreporter) -> None:
+    """Say how many malformed inputs the property tests tried (visible without ``-s``)."""
+    stats = PROPERTY_STATS
+    if stats["tried"]:
+        terminalreporter.write_line(
+            f"property test: {stats['tried']} malformed inputs tried, "
+            f"{stats['tracebacks']} tracebacks (exit 0: {stats['exit_0']}, "
+            f"exit 1: {stats['exit_1']}, exit 2: {stats['exit_2']})"
+        )

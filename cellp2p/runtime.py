@@ -57,4 +57,6 @@ def seed_everything(seed: int, deterministic: bool = False) -> None:
     torch.manual_seed(seed)
     if deterministic:
         torch.use_deterministic_algorithms(True, warn_only=True)
-        torch.backends.cudnn.benchmark = False
+    # Training crops have one size: cuDNN may time its kernels once and keep the fastest
+    # (CUDA only; not measured here, no GPU; off for --deterministic, whose choice must not vary).
+    torch.backends.cudnn.benchmark = not deterministic

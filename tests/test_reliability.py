@@ -36,7 +36,7 @@ from click.testing import CliRunner
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from cellp2p.checkpoint import load_checkpoint, model_entry, save_checkpoint
+from cellp2p.checkpoint import copy_checkpoint, load_checkpoint, model_entry, save_checkpoint
 from cellp2p.cli import main
 from cellp2p.errors import CellP2PError
 from cellp2p.io import StackReader, write_stack
@@ -837,6 +837,26 @@ def test_sigkill_while_saving_a_checkpoint_keeps_the_previous_one(tmp_path):
     _wait_for(tmp_path / "marker", proc)
     _kill(proc)
     assert load_checkpoint(path)["step"] == 5
+
+
+def test_best_checkpoint_is_an_independent_copy(tmp_path, monkeypatch):
+    last = save_checkpoint(tmp_path / "last.pt", {**_payload(), "step": 5})
+    best = copy_checkpoint(last, tmp_path / "best.pt", {**_payload(), "step": 5})
+    assert load_checkpoint(best)["step"] == 5 and not os.path.samefile(last, best)
+    last.write_bytes(b"damaged in place")  # an in-place edit of last.pt leaves best.pt alone
+    assert load_checkpoint(best)["step"] == 5
+    # Where the copy fails (say, a file system without it), the payload is saved instead.
+    monkeypatch.setattr("shutil.copyfile", _raise(OSError(errno.EXDEV, "Invalid link")))
+    best = copy_checkpoint(last, tmp_path / "best.pt", {**_payload(), "step": 6})
+    assert load_checkpoint(best)["step"] == 6
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["best.pt", "last.pt"]
+
+
+def _raise(err: Exception):
+    def fail(*args, **kwargs):
+        raise err
+
+    return fail
 
 
 def test_second_run_on_the_same_out_fails_while_the_first_completes(tmp_path, em_pair):

@@ -34,6 +34,7 @@ from pathlib import Path
 from typing import Any
 
 MIB = 1024.0
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # bench_predict, beside this file
 
 
 def _status(key: str) -> float:
@@ -157,33 +158,6 @@ def child_train(work: Path, steps: int, eval_every: int, tiny: bool = False) -> 
     return out
 
 
-def _tiny_model(path: Path) -> Path:
-    from cellp2p.checkpoint import model_entry, save_checkpoint
-    from cellp2p.models import build_model
-    from cellp2p.transforms import Normalization
-
-    net = build_model("unet", "small", 1, 1)
-    norm = Normalization("minmax", vmin=0.0, vmax=255.0, dtype="uint8")
-    return save_checkpoint(
-        path,
-        {
-            "mode": "unet",
-            "task": "segment",
-            "train_config": {"preset": "small", "crop": 32},
-            "models": {"unet": model_entry(net)},
-            "normalization": {"input": norm.to_dict(), "target": None},
-            "data": {
-                "in_channels": 1,
-                "out_channels": 1,
-                "target_kind": "binary",
-                "classes": [0, 255],
-                "spacing": None,
-            },
-            "record": {"step": 0},
-        },
-    )
-
-
 def child_predict(work: Path, slices: int, model: Path | None) -> dict[str, Any]:
     import numpy as np
 
@@ -196,7 +170,9 @@ def child_predict(work: Path, slices: int, model: Path | None) -> dict[str, Any]
         for _ in range(slices):  # streamed: the input is never in memory as a whole
             writer.write(rng.integers(0, 256, (64, 64), dtype=np.uint8))
     if model is None or not model.is_file():
-        model = _tiny_model(work / "model.pt")
+        from bench_predict import make_checkpoint  # an untrained small U-Net
+
+        model = make_checkpoint(work / "model.pt", "small")
     P.load_predictor(model, "cpu")  # imports and first load outside the measurement
     done = [0]
     warm_at = max(8, slices // 10)

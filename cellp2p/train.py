@@ -1059,7 +1059,8 @@ def threading_is_main() -> bool:
 
 def _log_line(record: dict) -> str:
     parts = [f"step {record['step']}"]
-    parts += [f"{k} {v:.4g}" for k, v in record.items() if isinstance(v, float)]
+    # "time" is the wall-clock stamp kept in metrics.jsonl; as a log field it only says 1.8e+09.
+    parts += [f"{k} {v:.4g}" for k, v in record.items() if isinstance(v, float) and k != "time"]
     return " | ".join(parts)
 
 

@@ -91,6 +91,7 @@ def ablate(
     direction: str = "AtoB",
     task: str | None = None,
     gan_mode: str = "vanilla",
+    upsample: str | None = None,
     variants: Sequence[str] | None = None,
     segmenter: str | Path | None = None,
     device: str = "auto",
@@ -124,6 +125,7 @@ def ablate(
         "seed": seed,
         "eval_every": eval_every or max(1, max_steps // 10),
         "gan_mode": gan_mode,
+        "upsample": upsample,
         "device": device,
         "quiet": quiet,
     }

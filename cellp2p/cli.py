@@ -224,6 +224,12 @@ TRAIN_OPTIONS = [
         help="PatchGAN receptive field in pixels.",
     ),
     click.option(
+        "--upsample",
+        type=click.Choice(["transpose", "resize"]),
+        help="Decoder upsampling: transposed conv, or resize + conv (no checkerboard "
+        "artefacts) [the preset's: transpose, course U-Net resize].",
+    ),
+    click.option(
         "--eval-every",
         type=int,
         default=100,
@@ -480,6 +486,11 @@ def compare(runs: tuple[Path, ...], names: str | None, **params: Any) -> None:
     default="vanilla",
     show_default=True,
     help="Adversarial objective of the GAN variants.",
+)
+@click.option(
+    "--upsample",
+    type=click.Choice(["transpose", "resize"]),
+    help="Decoder upsampling of every variant [the preset's].",
 )
 @click.option("--variants", help="Comma-separated subset of unet,l1,gan,cgan,l1_gan,l1_cgan [all].")
 @click.option(

@@ -86,6 +86,7 @@ class TrainConfig:
     gan_mode: str = "vanilla"
     unconditional: bool = False
     receptive_field: int = 70
+    upsample: str | None = None  # decoder: transpose | resize; None = the preset's
     eval_every: int = 100
     best_metric: str | None = None
     augment: bool = True
@@ -420,12 +421,31 @@ def make_adam(net: nn.Module, device: torch.device, **kwargs: Any) -> torch.opti
     return torch.optim.Adam(net.parameters(), fused=fused, **kwargs)
 
 
+def model_overrides(cfg: TrainConfig, kind: str) -> dict[str, Any]:
+    """The preset's changes for the U-Net / generator: ``--upsample``, then ``model_overrides``.
+
+    A same-padding U-Net switched to resize + conv gets a 3x3 up-conv: an even kernel would be
+    padded one pixel more on one side and shift each decoder level by half a pixel (the
+    generator picks its odd kernel itself; valid-padding U-Nets keep their 2x2 shape rules).
+    """
+    from cellp2p.models.config import PRESETS
+
+    overrides: dict[str, Any] = {}
+    if cfg.upsample is not None:
+        overrides["up"] = cfg.upsample
+        preset = PRESETS[kind].get(cfg.preset, {})
+        if kind == "unet" and cfg.upsample == "resize" and preset.get("padding") == "same":
+            overrides["up_kernel"] = 3
+    overrides.update(cfg.model_overrides)
+    return overrides
+
+
 class UNetMode(Mode):
     """The baseline: a U-Net trained with a supervised loss."""
 
     def __init__(self, cfg: TrainConfig, data: PairedData, device: torch.device, precision: str):
         self.kind = data.target_kind
-        overrides = dict(cfg.model_overrides)
+        overrides = model_overrides(cfg, "unet")
         net = build_model("unet", cfg.preset, data.in_channels, data.out_channels, **overrides)
         self.nets = {"unet": net.to(device)}
         self.train_nets = self.nets
@@ -469,7 +489,7 @@ class Pix2PixMode(Mode):
                 "pix2pix learns the label map as an image: use --labels-mode binary/nonzero, "
                 "or --task translate for multi-valued label maps"
             )
-        overrides = dict(cfg.model_overrides)
+        overrides = model_overrides(cfg, "generator")
         g = build_model("generator", cfg.preset, data.in_channels, data.out_channels, **overrides)
         d_in = data.out_channels + (0 if cfg.unconditional else data.in_channels)
         d = build_model(
@@ -738,6 +758,8 @@ def check_config(cfg: TrainConfig) -> None:
         raise CellP2PError("--lambda-l1 0 with --lambda-gan 0 leaves nothing to train; set one > 0")
     if cfg.receptive_field not in (1, 16, 70, 286):
         raise CellP2PError(f"--receptive-field {cfg.receptive_field}: use 1, 16, 70 or 286")
+    if cfg.upsample not in (None, "transpose", "resize"):
+        raise CellP2PError(f"--upsample {cfg.upsample!r}: use transpose or resize")
     if not 0 <= cfg.lr_decay_start <= 1:
         raise CellP2PError("--lr-decay-start is a fraction of the run in [0, 1]")
     if cfg.direction == "BtoA" and cfg.task != "translate":

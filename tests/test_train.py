@@ -279,3 +279,31 @@ def test_two_runs_on_one_folder_are_refused(pair, tmp_path):
         res = CliRunner().invoke(main, _args(pair, out, "--max-steps", "1"))
     assert res.exit_code != 0 and "another training run" in _one_error_line(res.output)
     assert os.listdir(out) == [".lock"]
+
+
+@pytest.mark.parametrize("mode,net", [("unet", "unet"), ("pix2pix", "generator")])
+def test_upsample_resize_is_recorded_and_predicts(pair, tmp_path, mode, net):
+    """--upsample resize swaps the decoder's transposed convs (checkerboard) for resize + conv,
+    and the checkpoint alone rebuilds that network for prediction."""
+    from cellp2p.checkpoint import build_from_entry
+    from cellp2p.predict import predict_stack
+
+    out = tmp_path / "run"
+    args = ["--max-steps", "2", "--eval-every", "2", "--mode", mode, "--upsample", "resize"]
+    res = _run(_args(pair, out, *args))
+    assert res.exit_code == 0, res.output
+    ckpt = load_checkpoint(out / "checkpoints" / "last.pt")
+    assert ckpt["train_config"]["upsample"] == "resize"
+    assert ckpt["models"][net]["config"]["up"] == "resize"
+    rebuilt = build_from_entry(ckpt["models"][net])
+    assert not any(isinstance(m, torch.nn.ConvTranspose2d) for m in rebuilt.modules())
+    # Each resize is followed by an odd, symmetrically padded conv (an even one shifts by 0.5 px).
+    ups = [m for m in rebuilt.modules() if isinstance(m, torch.nn.Sequential) and m]
+    ups = [m for m in ups if isinstance(m[0], torch.nn.Upsample)]
+    assert ups and all(
+        isinstance(m[1], torch.nn.Conv2d) and m[1].kernel_size[0] % 2 == 1 for m in ups
+    )
+    pred = predict_stack([pair[0]], out, out=tmp_path / "pred.tif", quiet=True, device="cpu")
+    assert (tmp_path / "pred.tif").is_file(), pred
+    res = CliRunner().invoke(main, _args(pair, tmp_path / "bad", "--upsample", "bilinear"))
+    assert res.exit_code == 2 and "bilinear" in res.output

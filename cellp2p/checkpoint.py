@@ -46,7 +46,7 @@ def save_checkpoint(path: str | Path, payload: dict[str, Any]) -> Path:
             f"{path.parent}: cannot create the checkpoint folder ({err.strerror}); "
             "choose another --out"
         ) from None
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.part")
+    tmp = _part_name(path)
     try:
         torch.save({"format": FORMAT, "version": VERSION, **payload}, tmp)
         os.replace(tmp, path)
@@ -68,6 +68,11 @@ def save_checkpoint(path: str | Path, payload: dict[str, Any]) -> Path:
     return path
 
 
+def _part_name(path: Path) -> Path:
+    """The temporary name a checkpoint is written under before it is renamed into place."""
+    return path.with_name(f".{path.name}.{os.getpid()}.part")
+
+
 def copy_checkpoint(saved: Path, path: str | Path, payload: dict[str, Any]) -> Path:
     """Make ``path`` an independent copy of the just-written checkpoint ``saved``.
 
@@ -76,7 +81,7 @@ def copy_checkpoint(saved: Path, path: str | Path, payload: dict[str, Any]) -> P
     into place, like every write. If the copy fails, the payload is saved the normal way.
     """
     path = Path(path)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.part")
+    tmp = _part_name(path)
     try:
         shutil.copyfile(saved, tmp)
         os.replace(tmp, path)

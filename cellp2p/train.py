@@ -421,23 +421,10 @@ def make_adam(net: nn.Module, device: torch.device, **kwargs: Any) -> torch.opti
     return torch.optim.Adam(net.parameters(), fused=fused, **kwargs)
 
 
-def model_overrides(cfg: TrainConfig, kind: str) -> dict[str, Any]:
-    """The preset's changes for the U-Net / generator: ``--upsample``, then ``model_overrides``.
-
-    A same-padding U-Net switched to resize + conv gets a 3x3 up-conv: an even kernel would be
-    padded one pixel more on one side and shift each decoder level by half a pixel (the
-    generator picks its odd kernel itself; valid-padding U-Nets keep their 2x2 shape rules).
-    """
-    from cellp2p.models.config import PRESETS
-
-    overrides: dict[str, Any] = {}
-    if cfg.upsample is not None:
-        overrides["up"] = cfg.upsample
-        preset = PRESETS[kind].get(cfg.preset, {})
-        if kind == "unet" and cfg.upsample == "resize" and preset.get("padding") == "same":
-            overrides["up_kernel"] = 3
-    overrides.update(cfg.model_overrides)
-    return overrides
+def model_overrides(cfg: TrainConfig) -> dict[str, Any]:
+    """The preset's changes for the U-Net / generator: ``--upsample``, then ``model_overrides``."""
+    overrides: dict[str, Any] = {} if cfg.upsample is None else {"up": cfg.upsample}
+    return {**overrides, **cfg.model_overrides}
 
 
 class UNetMode(Mode):
@@ -445,7 +432,7 @@ class UNetMode(Mode):
 
     def __init__(self, cfg: TrainConfig, data: PairedData, device: torch.device, precision: str):
         self.kind = data.target_kind
-        overrides = model_overrides(cfg, "unet")
+        overrides = model_overrides(cfg)
         net = build_model("unet", cfg.preset, data.in_channels, data.out_channels, **overrides)
         self.nets = {"unet": net.to(device)}
         self.train_nets = self.nets
@@ -489,7 +476,7 @@ class Pix2PixMode(Mode):
                 "pix2pix learns the label map as an image: use --labels-mode binary/nonzero, "
                 "or --task translate for multi-valued label maps"
             )
-        overrides = model_overrides(cfg, "generator")
+        overrides = model_overrides(cfg)
         g = build_model("generator", cfg.preset, data.in_channels, data.out_channels, **overrides)
         d_in = data.out_channels + (0 if cfg.unconditional else data.in_channels)
         d = build_model(

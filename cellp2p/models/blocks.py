@@ -105,7 +105,12 @@ def make_up(
     resize_mode: str = "nearest",
     bias: bool = True,
 ) -> nn.Module:
-    """2× upsampling with a channel change: transposed conv or resize (interpolate) + conv."""
+    """2× upsampling with a channel change: transposed conv or resize (interpolate) + conv.
+
+    Resize + conv with ``"same"`` padding takes an odd kernel (an even ``kernel_size`` k becomes
+    max(3, k - 1)): an even one is padded one pixel more on one side and shifts the map by half a
+    pixel at every decoder level. Valid padding keeps k, as its shape arithmetic assumes.
+    """
     check_choice("up", up, UPS[:2])
     if up == "transpose":
         if kernel_size < 2 or kernel_size % 2:
@@ -120,6 +125,8 @@ def make_up(
         )
     check_choice("resize_mode", resize_mode, RESIZE_MODES)
     align = True if resize_mode == "bilinear" else None
+    if padding == "same" and kernel_size % 2 == 0:
+        kernel_size = max(3, kernel_size - 1)
     return nn.Sequential(
         nn.Upsample(scale_factor=2, mode=resize_mode, align_corners=align),
         make_conv(in_channels, out_channels, kernel_size, padding=padding, bias=bias),

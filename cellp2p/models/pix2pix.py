@@ -62,9 +62,6 @@ class Generator(nn.Module):
             )
             for i in range(cfg.depth)
         )
-        # Resize + conv needs an odd kernel: an even one is padded one pixel more on one side,
-        # shifting every decoder level by half a pixel (k - 1 = 3 for the 4x4 preset).
-        up_k = k if cfg.up == "transpose" else k - 1 + k % 2
         decoder = []
         for i in reversed(range(cfg.depth - 1)):
             innermost = i == cfg.depth - 2
@@ -78,7 +75,7 @@ class Generator(nn.Module):
                     norm=cfg.norm,
                     activation=cfg.decoder_activation,
                     up=cfg.up,
-                    up_kernel=up_k,
+                    up_kernel=k,
                     resize_mode=cfg.resize_mode,
                     up_norm=True,
                     pre_activation=True,
@@ -90,7 +87,7 @@ class Generator(nn.Module):
         self.head = FeatureMapBlock(
             2 * widths[0],
             cfg.out_channels,
-            up_k,
+            k,
             up=cfg.up,
             resize_mode=cfg.resize_mode,
             pre_activation=cfg.decoder_activation,

@@ -204,8 +204,8 @@ def synthetic_pairs(n: int = 4, size: int = SIZE) -> Any:
     """A tiny in-memory PairedData (translate task), as ``load_data`` returns it."""
     import numpy as np
 
-    from cellp2p.train import PairedData
-    from cellp2p.transforms import Normalization
+    from cellp2p.dataset import PairedData
+    from cellp2p.normalization import Normalization
 
     rng = np.random.default_rng(0)
     x = rng.random((n, 1, size, size), dtype=np.float32)
@@ -215,7 +215,7 @@ def synthetic_pairs(n: int = 4, size: int = SIZE) -> Any:
 
 
 def train_config(preset: str, **kw: Any) -> Any:
-    from cellp2p.train import TrainConfig
+    from cellp2p.config import TrainConfig
 
     base = dict(mode="pix2pix", task="translate", preset=preset, batch_size=1, crop=SIZE)
     return TrainConfig(**{**base, "device": "cpu", "precision": "fp32", **kw})
@@ -225,7 +225,7 @@ def project_mode(preset: str) -> Any:
     """cellp2p's own Pix2PixMode, as ``train()`` builds it (CPU, fp32)."""
     import torch
 
-    from cellp2p.train import Pix2PixMode
+    from cellp2p.modes import Pix2PixMode
 
     torch.manual_seed(0)
     mode = Pix2PixMode(train_config(preset), synthetic_pairs(), torch.device("cpu"), "fp32")
@@ -398,7 +398,7 @@ def make_pair_stacks(folder: Path, slices: int = 5, size: int = SIZE) -> tuple[P
 CLI_PATCH = """
 import atexit, json, os, sys, time
 import torch
-import cellp2p.train as T
+import cellp2p.modes as T
 if os.environ.get("BENCH_FORLOOP") == "1":
     class _LoopAdam(torch.optim.Adam):
         def __init__(self, params, *args, **kw):
@@ -587,7 +587,7 @@ def slice_gflops(net_kind: str, preset: str, size: int) -> float:
     import torch
 
     from cellp2p.models import build_model
-    from cellp2p.predict import forward_full
+    from cellp2p.tiling import forward_full
 
     with torch.device("meta"):
         net = build_model(net_kind, preset, 1, 1).eval()
@@ -655,7 +655,7 @@ def ref_step_flops_meta(preset: str) -> dict[str, float]:
     """FLOPs (2 per MAC) of one reference and one project step, counted on the meta device."""
     import torch
 
-    from cellp2p.train import Pix2PixMode
+    from cellp2p.modes import Pix2PixMode
 
     class NoStep:  # Adam on meta tensors cannot read its step count; its FLOPs are not counted
         def zero_grad(self, set_to_none: bool = True) -> None:
@@ -772,7 +772,7 @@ def worker_data(cfg: dict[str, Any]) -> dict[str, Any]:
     import numpy as np
     import torch
 
-    from cellp2p.train import StepBatches
+    from cellp2p.dataset import StepBatches
 
     rows = []
     for size, batch in ((256, 1), (512, 1), (512, 4)):
@@ -808,7 +808,7 @@ def worker_loop(cfg: dict[str, Any]) -> dict[str, Any]:
     """
     import torch
 
-    from cellp2p.train import StepBatches
+    from cellp2p.dataset import StepBatches
 
     mode = project_mode(cfg["preset"])
     tc = train_config(cfg["preset"])

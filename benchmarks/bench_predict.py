@@ -51,7 +51,7 @@ def make_checkpoint(path: Path, preset: str, kind: str = "unet") -> Path:
     """An untrained U-Net or generator of ``preset`` saved as a prediction-ready checkpoint."""
     from cellp2p.checkpoint import model_entry, save_checkpoint
     from cellp2p.models import build_model
-    from cellp2p.transforms import Normalization
+    from cellp2p.normalization import Normalization
 
     if preset == "tiny":
         net = build_model(kind, "small", 1, 1, depth=1, base=2)
@@ -107,7 +107,8 @@ def worker(cfg: dict[str, Any], tmp: Path) -> dict[str, Any]:
         return {**cfg, "seconds": seconds, "peak_rss_mib": peak, "mpix": mpix}
     import numpy as np
 
-    from cellp2p.predict import load_predictor, predict_stack
+    from cellp2p.predict import predict_stack
+    from cellp2p.predictor import load_predictor
 
     pred = load_predictor(ckpt, "cpu", tta=cfg["tta"])
     pred.predict_slice(np.zeros((64, 64), np.uint8))  # warm-up: allocator, kernels

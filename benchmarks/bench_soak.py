@@ -118,7 +118,7 @@ def child_train(work: Path, steps: int, eval_every: int, tiny: bool = False) -> 
         # --tiny: 8 base channels, depth 2 (the quick check in tests/test_reliability.py).
         model_overrides={"base": 8, "depth": 2} if tiny else {},
     )
-    from cellp2p import train as T
+    from cellp2p import modes as T
 
     per_eval: list[tuple[int, float]] = []
     # RSS right after an evaluation (step kE+1) and right before the next (step (k+1)E-1):
@@ -162,6 +162,7 @@ def child_predict(work: Path, slices: int, model: Path | None) -> dict[str, Any]
     import numpy as np
 
     from cellp2p import predict as P
+    from cellp2p import predictor as PR
     from cellp2p.io import StackWriter
 
     stack = work / "long.tif"
@@ -173,10 +174,10 @@ def child_predict(work: Path, slices: int, model: Path | None) -> dict[str, Any]
         from bench_predict import make_checkpoint  # an untrained small U-Net
 
         model = make_checkpoint(work / "model.pt", "small")
-    P.load_predictor(model, "cpu")  # imports and first load outside the measurement
+    PR.load_predictor(model, "cpu")  # imports and first load outside the measurement
     done = [0]
     warm_at = max(8, slices // 10)
-    real = P.Predictor.predict_slices
+    real = PR.Predictor.predict_slices
     with Sampler() as sampler:
 
         def counted(self, images, *args, **kwargs):
@@ -186,7 +187,7 @@ def child_predict(work: Path, slices: int, model: Path | None) -> dict[str, Any]
                 sampler.mark("warmup")
             return result
 
-        P.Predictor.predict_slices = counted
+        PR.Predictor.predict_slices = counted
         sampler.mark("start")
         P.predict_stack(
             [stack], model, out=work / "long_pred.tif", force=True, quiet=True, device="cpu"

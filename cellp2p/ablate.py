@@ -30,7 +30,7 @@ _RUNTIME_KEYS = {"device", "quiet", "num_workers", "precision", "max_steps", "ev
 
 def variant_configs(base: dict[str, Any], variants: Sequence[str] | None = None) -> dict[str, Any]:
     """TrainConfig of each requested variant: the shared settings plus the variant's changes."""
-    from cellp2p.train import TrainConfig
+    from cellp2p.config import TrainConfig
 
     names = list(variants) if variants else list(VARIANTS)
     unknown = [v for v in names if v not in VARIANTS]
@@ -105,7 +105,7 @@ def ablate(
     the same call continues an ablation; a larger ``max_steps`` extends every run. Returns
     ``{"runs": {variant: folder}, "report": <compare's report>}``.
     """
-    from cellp2p.report import compare
+    from cellp2p.compare import compare
     from cellp2p.train import train
 
     say = echo or (lambda _msg: None)

@@ -51,7 +51,7 @@ def save_checkpoint(path: str | Path, payload: dict[str, Any]) -> Path:
         torch.save({"format": FORMAT, "version": VERSION, **payload}, tmp)
         os.replace(tmp, path)
     except OSError as err:
-        from cellp2p.io import write_failed
+        from cellp2p.fsutil import write_failed
 
         raise write_failed(path, err) from None
     except RuntimeError as err:  # torch's zip writer reports a failed write as RuntimeError

@@ -65,7 +65,7 @@ def info(target: str) -> None:
 
     Prints shape, axes, dtype, value range, label values and pixel size.
     """
-    from cellp2p.data import info as info_fn
+    from cellp2p.info import info as info_fn
 
     click.echo(info_fn(target))
 
@@ -109,7 +109,7 @@ def synth(kind: str, slices: int, size: str, seed: int, out: Path, force: bool) 
 @click.option("--force", is_flag=True, help="Download again even if verified files exist.")
 def fetch(name: str, dest: Path, force: bool) -> None:
     """Download a data set named by a manifest (e.g. isbi2012) and verify its checksums."""
-    from cellp2p.data import fetch as fetch_fn
+    from cellp2p.manifests import fetch as fetch_fn
 
     paths = fetch_fn(name, dest, force=force)
     for role, path in paths.items():
@@ -291,7 +291,7 @@ def _apply(options: list) -> Any:
 
 def _train_config(ctx: click.Context, params: dict[str, Any]) -> tuple[Any, dict[str, Any]]:
     """Defaults < --config file < flags given on the command line."""
-    from cellp2p.train import TrainConfig
+    from cellp2p.config import TrainConfig
 
     names = {f.name for f in fields(TrainConfig)}
     values: dict[str, Any] = {}
@@ -446,7 +446,7 @@ def compare(runs: tuple[Path, ...], names: str | None, **params: Any) -> None:
     One table row per run (objective, size, steps, speed, every evaluate metric), PNG panels
     per slice (input | target | runs | error maps) and the loss curves overlaid.
     """
-    from cellp2p.report import compare as compare_fn
+    from cellp2p.compare import compare as compare_fn
 
     compare_fn(list(runs), names=names.split(",") if names else None, echo=click.echo, **params)
 

@@ -18,8 +18,8 @@ def run_demo(
     echo: Callable[[str], None] = print,
 ) -> Path:
     """Synthesise (or locate) data, train both modes, and leave every result under ``out``."""
+    from cellp2p.compare import compare
     from cellp2p.predict import predict_stack
-    from cellp2p.report import compare
     from cellp2p.synth import synth
     from cellp2p.train import TrainConfig, train
 

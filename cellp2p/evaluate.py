@@ -2,10 +2,7 @@
 
 from __future__ import annotations
 
-import contextlib
-import json
 import math
-import os
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -13,10 +10,11 @@ from typing import Any
 import numpy as np
 
 from cellp2p import io
+from cellp2p.checks import check_finite
 from cellp2p.errors import CellP2PError
-from cellp2p.metrics import evaluate_arrays, format_table
-from cellp2p.transforms import parse_slices
-from cellp2p.validate import check_finite
+from cellp2p.fsutil import check_output, write_json
+from cellp2p.scoring import evaluate_arrays, format_table
+from cellp2p.slices import parse_slices
 
 
 def _single_channel(data: np.ndarray, path: Path) -> np.ndarray:
@@ -76,57 +74,12 @@ def load_pair(
     return pred, target, ids
 
 
-def to_json(obj: Any) -> Any:
-    """JSON-safe copy: numpy scalars to Python numbers, inf/nan to None (not in strict JSON)."""
-    if isinstance(obj, dict):
-        return {str(k): to_json(v) for k, v in obj.items()}
-    if isinstance(obj, list | tuple):
-        return [to_json(v) for v in obj]
-    if isinstance(obj, np.generic):
-        obj = obj.item()
-    if isinstance(obj, float) and not math.isfinite(obj):
-        return None
-    if isinstance(obj, Path):
-        return str(obj)
-    return obj
-
-
-def write_json(path: str | Path, obj: Any) -> Path:
-    """Write strict JSON atomically (temporary file, then rename); nothing is left on failure."""
-    path = Path(path)
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-    except OSError as err:
-        raise CellP2PError(f"{path.parent}: cannot create the folder ({err.strerror})") from None
-    write_text_atomic(path, json.dumps(to_json(obj), indent=2, allow_nan=False) + "\n")
-    return path
-
-
-def write_text_atomic(path: str | Path, text: str) -> Path:
-    """Write a text file through a temporary file renamed into place.
-
-    A failed write (disk full) raises a CellP2PError naming ``path`` and leaves neither a
-    partial file at ``path`` nor the temporary file.
-    """
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.part")
-    try:
-        tmp.write_text(text)
-        os.replace(tmp, path)
-    except OSError as err:
-        raise io.write_failed(path, err) from None
-    finally:
-        with contextlib.suppress(OSError):
-            tmp.unlink(missing_ok=True)
-    return path
-
-
 def _check_json_path(path: str | Path) -> None:
     """Where --json goes must be writable before anything is computed (it may be replaced)."""
     path = Path(path)
     if path.suffix.lower() != ".json":
         raise CellP2PError(f"--json {path}: give a file name ending in .json")
-    io.check_output(path, force=True)
+    check_output(path, force=True)
 
 
 def evaluate(

@@ -8,7 +8,6 @@ Pixel size is ``spacing = (z, y, x)`` in ``unit`` (micrometres by default).
 from __future__ import annotations
 
 import contextlib
-import errno
 import logging
 import os
 import re
@@ -22,6 +21,7 @@ import numpy as np
 import tifffile
 
 from cellp2p.errors import CellP2PError
+from cellp2p.fsutil import check_output, temp_name, write_failed
 
 TIFF_SUFFIXES = (".tif", ".tiff")
 IMAGE_SUFFIXES = (*TIFF_SUFFIXES, ".png", ".jpg", ".jpeg", ".bmp")
@@ -443,71 +443,6 @@ def read_ab(path: str | Path) -> tuple[Stack, Stack]:
 # -- writing -----------------------------------------------------------------------------------
 
 
-def _file_in_the_way(path: Path) -> Path | None:
-    """The nearest existing ancestor of ``path`` when it is a file rather than a folder."""
-    for parent in path.parents:
-        if parent.exists():
-            return None if parent.is_dir() else parent
-    return None
-
-
-def check_output(path: str | Path, force: bool = False) -> Path:
-    """Refuse to overwrite an existing file without ``force``; make the folder if needed."""
-    path = Path(path)
-    blocker = _file_in_the_way(path)
-    if blocker is not None:
-        raise CellP2PError(
-            f"{path}: cannot write it: {blocker} is a file, not a folder; "
-            "choose another output folder"
-        )
-    if path.exists() and not force:
-        raise CellP2PError(
-            f"{path}: already exists; pass --force to overwrite it or choose another name"
-        )
-    if path.is_dir():
-        kind = path.suffix or ".tif"
-        raise CellP2PError(f"{path}: is a folder; give a file name ending in {kind}")
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-    except OSError as err:
-        raise CellP2PError(
-            f"{path.parent}: cannot create the output folder ({err.strerror}); "
-            "choose another output folder"
-        ) from None
-    if not os.access(path.parent, os.W_OK):
-        raise CellP2PError(f"{path.parent}: folder is not writable; choose another output folder")
-    return path
-
-
-def check_folder_writable(folder: str | Path) -> Path:
-    """Refuse a folder (or the nearest existing folder above it) that cannot be written to."""
-    folder = Path(folder)
-    blocker = _file_in_the_way(folder / "x")
-    if blocker is not None:
-        raise CellP2PError(
-            f"{folder}: cannot write it: {blocker} is a file, not a folder; choose another folder"
-        )
-    existing = next(p for p in (folder, *folder.parents) if p.exists())
-    if not os.access(existing, os.W_OK):
-        raise CellP2PError(f"{existing}: folder is not writable; choose another output folder")
-    return folder
-
-
-def write_failed(path: Path, err: OSError) -> CellP2PError:
-    """One line for a write that failed part-way (disk full, quota, I/O error)."""
-    reason = err.strerror or str(err) or type(err).__name__
-    hint = (
-        "free some space or choose another output folder"
-        if err.errno in (errno.ENOSPC, errno.EDQUOT)
-        else "check the output folder and try again"
-    )
-    return CellP2PError(f"{path}: could not be written ({reason}); nothing was saved: {hint}")
-
-
-def _temp_name(path: Path) -> Path:
-    return path.with_name(f".{path.name}.{os.getpid()}.part")
-
-
 def _tiff_kwargs(
     shape: Sequence[int], dtype: np.dtype, spacing: tuple[float, float, float] | None, unit: str
 ) -> tuple[dict, dict]:
@@ -577,7 +512,7 @@ class StackWriter:
             dtype = np.dtype(np.float32)
         self.dtype, self.shape = dtype, tuple(int(n) for n in shape)
         self._writer_kw, self._write_kw = _tiff_kwargs(self.shape, dtype, spacing, unit)
-        self._tmp = _temp_name(self.path)
+        self._tmp = temp_name(self.path)
         self._tif: tifffile.TiffWriter | None = None
         self._count = 0
 

@@ -23,9 +23,11 @@ import torch
 
 from cellp2p import distributed
 from cellp2p.checkpoint import load_checkpoint
+from cellp2p.config import TrainConfig
+from cellp2p.dataset import StepBatches, load_data
 from cellp2p.io import read_stack, write_stack
 from cellp2p.synth import make_em
-from cellp2p.train import StepBatches, TrainConfig, load_data, train
+from cellp2p.train import train
 
 WORLD = 2
 STACKS = ("a", "b", "c")

@@ -14,9 +14,9 @@ import tifffile
 from PIL import Image
 
 import cellp2p.io as cio
+from cellp2p.checks import binary_labels, check_finite, check_grayscale, check_pair
 from cellp2p.errors import CellP2PError
 from cellp2p.io import StackWriter, open_stack, read_ab, read_stack, write_stack
-from cellp2p.validate import binary_labels, check_finite, check_grayscale, check_pair
 
 SPACING = (2.0, 0.5, 0.25)  # z, y, x in um; all different so a swap shows
 

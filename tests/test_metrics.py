@@ -13,8 +13,6 @@ from cellp2p.errors import CellP2PError
 from cellp2p.metrics import (
     average_precision,
     dice_iou,
-    evaluate_arrays,
-    format_table,
     isbi_scores,
     mae,
     pixel_error,
@@ -24,6 +22,7 @@ from cellp2p.metrics import (
     ssim,
     thin_boundaries,
 )
+from cellp2p.scoring import evaluate_arrays, format_table
 
 # 4x4 layouts used by the Rand/info cases (N = 16 gt-foreground pixels each).
 HALVES = np.array([[1, 1, 2, 2]] * 4)  # two cells of 8 pixels

@@ -21,14 +21,10 @@ from cellp2p.checkpoint import model_entry, save_checkpoint
 from cellp2p.cli import main
 from cellp2p.io import StackReader, write_stack
 from cellp2p.models import build_model
-from cellp2p.predict import (
-    Predictor,
-    default_output,
-    forward_full,
-    load_predictor,
-    predict_stack,
-)
-from cellp2p.transforms import Normalization
+from cellp2p.normalization import Normalization
+from cellp2p.predict import default_output, predict_stack
+from cellp2p.predictor import Predictor, load_predictor
+from cellp2p.tiling import forward_full
 
 SPACING = (0.05, 0.004, 0.004)
 UINT8 = Normalization("minmax", vmin=0.0, vmax=255.0, dtype="uint8")
@@ -210,7 +206,8 @@ def test_predictor_attributes(models):
 
 
 def test_a_real_training_run_predicts(em_pair, tmp_path):
-    from cellp2p.train import TrainConfig, train
+    from cellp2p.config import TrainConfig
+    from cellp2p.train import train
 
     cfg = TrainConfig(
         volume=str(em_pair.volume_path),

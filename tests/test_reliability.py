@@ -41,7 +41,7 @@ from cellp2p.cli import main
 from cellp2p.errors import CellP2PError
 from cellp2p.io import StackReader, write_stack
 from cellp2p.models import build_model
-from cellp2p.transforms import Normalization
+from cellp2p.normalization import Normalization
 
 REPO = Path(__file__).resolve().parents[1]
 UINT8 = Normalization("minmax", vmin=0.0, vmax=255.0, dtype="uint8")
@@ -865,7 +865,8 @@ def test_second_run_on_the_same_out_fails_while_the_first_completes(tmp_path, em
     code = """
     import sys, time
     from pathlib import Path
-    from cellp2p.train import TrainConfig, train
+    from cellp2p.config import TrainConfig
+    from cellp2p.train import train
     vol, lab, out, gate = sys.argv[1:5]
     def hold(record):
         if record["step"] == 2:

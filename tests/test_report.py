@@ -11,11 +11,12 @@ from click.testing import CliRunner
 
 from cellp2p.ablate import ablate
 from cellp2p.cli import main
+from cellp2p.compare import compare, training_speed
+from cellp2p.config import TrainConfig
 from cellp2p.errors import CellP2PError
 from cellp2p.io import write_stack
-from cellp2p.report import compare, training_speed
 from cellp2p.synth import make_em
-from cellp2p.train import TrainConfig, train
+from cellp2p.train import train
 
 TINY = {"max_steps": 2, "eval_every": 2, "crop": 32, "batch_size": 2, "quiet": True}
 

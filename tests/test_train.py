@@ -17,9 +17,10 @@ from click.testing import CliRunner
 
 from cellp2p.checkpoint import load_checkpoint
 from cellp2p.cli import main
+from cellp2p.config import TrainConfig
 from cellp2p.io import write_stack
 from cellp2p.synth import make_em
-from cellp2p.train import TrainConfig, lr_factor, train
+from cellp2p.train import lr_factor, train
 
 
 @pytest.fixture(scope="module")

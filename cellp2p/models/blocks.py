@@ -17,6 +17,8 @@ convolution / normalisation / activation / resampling logic exists exactly once:
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -165,8 +167,11 @@ def layer_output_size(layers: nn.Module, size: int) -> tuple[int, bool]:
     return size, exact
 
 
-def center_crop(x: torch.Tensor, height: int, width: int) -> torch.Tensor:
-    """Crop the last two dims of ``x`` to ``height``×``width`` around the centre."""
+def center_crop(x: Any, height: int, width: int) -> Any:
+    """Crop the last two dims of ``x`` (tensor or array) to ``height``×``width`` around the centre.
+
+    The one centre crop: skip connections, valid-convolution targets, sample panels.
+    """
     top = (x.shape[-2] - height) // 2
     left = (x.shape[-1] - width) // 2
     return x[..., top : top + height, left : left + width]

@@ -46,6 +46,7 @@ from typing import Any
 import numpy as np
 
 from cellp2p.errors import CellP2PError
+from cellp2p.slices import MAX_SLICES, expand
 
 # Repository root of a source checkout; for a wheel the manifests must be installed next to
 # the package (site-packages/data_manifests) to be found by name.
@@ -71,7 +72,6 @@ _FILE_REQUIRED = {"role", "name", "shape", "dtype", "pixel_sha256"}
 _FILE_OPTIONAL = {"sha256", "size", "url"}
 _SAFE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
 _HEX64 = re.compile(r"[0-9a-f]{64}")
-_RANGE_ITEM = re.compile(r"\s*(\d+)\s*(?:-\s*(\d+)\s*)?")
 
 
 @dataclass(frozen=True)
@@ -209,7 +209,7 @@ def load_manifest(name_or_path: str | Path) -> Manifest:
 
 
 def _bad(path: Path, what: str) -> CellP2PError:
-    return CellP2PError(f"{path}: {what}; fix the manifest (schema in cellp2p/data.py)")
+    return CellP2PError(f"{path}: {what}; fix the manifest (schema in cellp2p/manifests.py)")
 
 
 def _expect(path: Path, where: str, value: Any, kind: type | tuple[type, ...]) -> Any:
@@ -302,40 +302,6 @@ def _parse_file(path: Path, i: int, raw: Any) -> ManifestFile:
     )
 
 
-MAX_SLICES = 1_000_000  # no stack has more; larger indices are typos (and would eat memory)
-
-
-def parse_indices(
-    spec: str | list[int], *, where: str = "indices", limit: int = MAX_SLICES
-) -> list[int]:
-    """``"0-24"`` / ``"0-9,12"`` (inclusive ranges) or a list of ints -> sorted unique list.
-
-    Indices must be below ``limit``; checked before a range is expanded, so ``"0-99999999999"``
-    is refused at once instead of filling memory.
-    """
-    if isinstance(spec, list):
-        if not all(isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in spec):
-            raise ValueError(f"{where}: list must hold non-negative integers")
-        if spec and max(spec) >= limit:
-            raise ValueError(f"{where}: slice {max(spec)} is beyond the {limit} slices")
-        return sorted(set(spec))
-    if not isinstance(spec, str):
-        raise ValueError(f"{where}: give a list of integers or a range string such as '0-24'")
-    out: set[int] = set()
-    for item in filter(None, (s.strip() for s in spec.split(","))):
-        match = _RANGE_ITEM.fullmatch(item)
-        if match is None:
-            raise ValueError(f"{where}: cannot read {item!r}; use ranges such as '0-24' or '3'")
-        lo = int(match.group(1))
-        hi = int(match.group(2)) if match.group(2) is not None else lo
-        if hi < lo:
-            raise ValueError(f"{where}: range {item!r} runs backwards")
-        if hi >= limit:
-            raise ValueError(f"{where}: slice {hi} is beyond the {limit} slices")
-        out.update(range(lo, hi + 1))
-    return sorted(out)
-
-
 def _parse_manifest(raw: Any, path: Path) -> Manifest:
     _expect(path, "top level", raw, dict)
     _check_keys(path, "top level", raw, _TOP_KEYS, ["name", "files"])
@@ -383,7 +349,7 @@ def _parse_manifest(raw: Any, path: Path) -> Manifest:
         nz = next((f.shape[0] for f in files if f.role == "volume"), MAX_SLICES)
         for key, spec in sp.items():
             try:
-                split[key] = parse_indices(spec, where=f"split.{key}", limit=nz)
+                split[key] = expand(spec, where=f"split.{key}", limit=nz)
             except ValueError as err:
                 raise _bad(path, str(err)) from None
         seen: dict[int, str] = {}
@@ -428,22 +394,6 @@ def _parse_manifest(raw: Any, path: Path) -> Manifest:
 
 
 # -- locating and verifying files --------------------------------------------------------------
-
-
-def _search_dirs(manifest: Manifest, data_dir: Path | str | None) -> list[Path]:
-    """Folders to look in, in order: each base itself, then its ``<name>/`` sub-folder."""
-    if data_dir is not None:
-        bases = [Path(data_dir)]
-    else:
-        bases = [Path(p) for p in os.environ.get(ENV_DATA, "").split(os.pathsep) if p]
-        # Convenience for a checkout next to a shared data folder: <repo>/../shared/data.
-        bases.append(_ROOT.parent / "shared" / "data")
-    dirs: list[Path] = []
-    for base in bases:
-        for d in (base, base / manifest.name):
-            if d not in dirs:
-                dirs.append(d)
-    return dirs
 
 
 def resolve_files(
@@ -493,45 +443,6 @@ def _pixel_problem(entry: ManifestFile, path: Path) -> str | None:
     if got != entry.pixel_sha256:
         return f"pixel_sha256 expected {entry.pixel_sha256}, found {got}"
     return None
-
-
-def _byte_problem(entry: ManifestFile, path: Path) -> str | None:
-    """Why the bytes of ``path`` differ from the manifest's reference copy, or None."""
-    if entry.size is not None:
-        size = path.stat().st_size
-        if size != entry.size:
-            return f"size expected {entry.size} bytes, found {size}"
-    if entry.sha256 is not None:
-        got = file_sha256(path)
-        if got != entry.sha256:
-            return f"sha256 expected {entry.sha256}, found {got}"
-    return None
-
-
-def verify_files(
-    manifest: Manifest, paths: Mapping[str, Path | str], *, level: str = "sha256"
-) -> None:
-    """Check files (role -> path) against the manifest; CellP2PError on the first mismatch.
-
-    ``level="sha256"`` compares size and bytes with the manifest's reference copy (fast, but
-    a re-encoded copy fails); ``level="pixels"`` decodes and compares shape, dtype and
-    :func:`pixel_sha256`, which any lossless copy passes. Entries without ``sha256`` are
-    checked by pixels at either level.
-    """
-    if level not in LEVELS:
-        raise ValueError(f"level must be one of {LEVELS}, not {level!r}")
-    for role, p in paths.items():
-        entry, path = manifest.file(role), Path(p)
-        if not path.is_file():
-            raise CellP2PError(f"{path}: no such file; check the path or run `cellp2p fetch`")
-        if level == "sha256" and entry.sha256 is not None:
-            problem = _byte_problem(entry, path)
-            hint = "if it is a re-encoded copy, check it with level='pixels'"
-        else:
-            problem = _pixel_problem(entry, path)
-            hint = f"re-download it with `cellp2p fetch {manifest.name} --dest DIR --force`"
-        if problem:
-            raise CellP2PError(f"{path}: does not match {manifest.path.name} ({problem}); {hint}")
 
 
 # -- downloading -------------------------------------------------------------------------------
@@ -628,135 +539,18 @@ def _download(
 
 # -- summaries ---------------------------------------------------------------------------------
 
-_SAMPLE_SLICES = 16
-_FULL_UNIQUE_LIMIT = 64 * 2**20  # elements; above this, unique values come from sampled slices
 
-
-def _fmt_shape(shape: Iterable[int]) -> str:
-    return " x ".join(str(n) for n in shape)
-
-
-def _summarise_stack(path: Path) -> list[str]:
-    from cellp2p.io import open_stack
-
-    with open_stack(path) as reader:
-        shape, dtype = tuple(reader.shape), np.dtype(reader.dtype)
-        axes = "ZYX" if len(shape) == 3 else "ZCYX"
-        nz = len(reader)
-        total = int(np.prod(shape))
-        if total <= _FULL_UNIQUE_LIMIT:
-            sample = list(range(nz))
-        else:
-            sample = sorted(set(np.linspace(0, nz - 1, _SAMPLE_SLICES).round().astype(int)))
-        lo, hi, uniq = None, None, np.array([], dtype=dtype)
-        for i in sample:
-            plane = reader[i]
-            pmin, pmax = plane.min(), plane.max()
-            lo = pmin if lo is None else min(lo, pmin)
-            hi = pmax if hi is None else max(hi, pmax)
-            # Union of per-slice uniques stays small for label images; cap it for raw data.
-            if uniq.size <= 4096:
-                uniq = np.union1d(uniq, np.unique(plane))
-        spacing, unit = reader.spacing, reader.unit
-    sampled = "" if len(sample) == nz else f" (from {len(sample)} of {nz} slices)"
-    lines = [
-        f"{path}",
-        f"  shape      {_fmt_shape(shape)} ({axes})",
-        f"  dtype      {dtype.name}",
-        f"  range      {lo} .. {hi}{sampled}",
-    ]
-    if uniq.size > 4096:
-        lines.append(f"  unique     more than 4096 values{sampled}")
-    elif uniq.size <= 16:
-        values = ", ".join(str(v) for v in uniq.tolist())
-        lines.append(f"  unique     {uniq.size} values: {values}{sampled}")
+def _search_dirs(manifest: Manifest, data_dir: Path | str | None) -> list[Path]:
+    """Folders to look in, in order: each base itself, then its ``<name>/`` sub-folder."""
+    if data_dir is not None:
+        bases = [Path(data_dir)]
     else:
-        lines.append(f"  unique     {uniq.size} values{sampled}")
-    if spacing is not None:
-        z, y, x = spacing
-        lines.append(f"  pixel size z {z:g}, y {y:g}, x {x:g} {unit}")
-    else:
-        lines.append("  pixel size not recorded in the file")
-    return lines
-
-
-def _is_multipage_tiff(path: Path) -> bool:
-    import tifffile
-
-    try:
-        with tifffile.TiffFile(path) as tif:
-            return len(tif.pages) > 1
-    except Exception:
-        return False
-
-
-def _summarise_path(path: Path) -> str:
-    from cellp2p.io import IMAGE_SUFFIXES, TIFF_SUFFIXES
-
-    if path.is_dir():
-        images = sorted(p for p in path.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
-        stacks = [p for p in images if p.suffix.lower() in TIFF_SUFFIXES and _is_multipage_tiff(p)]
-        if stacks:
-            # A data folder (e.g. volume.tif + labels.tif): one summary per stack file.
-            lines = [f"{path}: {len(stacks)} stack file(s)"]
-            for p in stacks:
-                lines.extend("  " + line for line in _summarise_stack(p))
-            return "\n".join(lines)
-        if not images:
-            raise CellP2PError(f"{path}: folder holds no images; point to a TIFF or PNG")
-    return "\n".join(_summarise_stack(path))
-
-
-def _summarise_manifest(manifest: Manifest) -> str:
-    lines = [
-        f"{manifest.name}: {manifest.description}".rstrip(": "),
-        f"  manifest   {manifest.path}",
-    ]
-    if manifest.pixel_size is not None:
-        ps = manifest.pixel_size
-        lines.append(f"  pixel size z {ps.z:g}, y {ps.y:g}, x {ps.x:g} {ps.unit}")
-    if manifest.labels is not None:
-        lab = manifest.labels
-        lines.append(
-            f"  labels     foreground {lab.foreground}, background {lab.background}: {lab.meaning}"
-        )
-    for key, ids in manifest.split.items():
-        lines.append(f"  split      {key}: {_fmt_ranges(ids)}")
-    dirs = _search_dirs(manifest, None)
-    for f in manifest.files:
-        hit = next((d / f.name for d in dirs if (d / f.name).is_file()), None)
-        status = f"found {hit}" if hit else "missing"
-        lines.append(f"  {f.role:<12}{f.name}  {_fmt_shape(f.shape)} {f.dtype}  {status}")
-    if not all(any((d / f.name).is_file() for d in dirs) for f in manifest.files):
-        lines.append(
-            f"  looked in  {', '.join(str(d) for d in dirs)}; get the data with "
-            f"`cellp2p fetch {manifest.name} --dest DIR`"
-        )
-    return "\n".join(lines)
-
-
-def _fmt_ranges(ids: list[int]) -> str:
-    if not ids:
-        return "(none)"
-    parts, start, prev = [], ids[0], ids[0]
-    for i in [*ids[1:], None]:
-        if i is not None and i == prev + 1:
-            prev = i
-            continue
-        parts.append(str(start) if start == prev else f"{start}-{prev}")
-        if i is not None:
-            start = prev = i
-    return ",".join(parts)
-
-
-def info(path_or_manifest: str | Path) -> str:
-    """Human summary of an image file/folder (shape, dtype, range, labels) or a manifest."""
-    from cellp2p.io import IMAGE_SUFFIXES
-
-    text = str(path_or_manifest)
-    path = Path(text)
-    if path.exists() and not (path.is_file() and path.suffix.lower() == ".json"):
-        return _summarise_path(path)
-    if path.suffix.lower() in IMAGE_SUFFIXES:
-        raise CellP2PError(f"{path}: no such file or folder; check the path")
-    return _summarise_manifest(load_manifest(text))
+        bases = [Path(p) for p in os.environ.get(ENV_DATA, "").split(os.pathsep) if p]
+        # Convenience for a checkout next to a shared data folder: <repo>/../shared/data.
+        bases.append(_ROOT.parent / "shared" / "data")
+    dirs: list[Path] = []
+    for base in bases:
+        for d in (base, base / manifest.name):
+            if d not in dirs:
+                dirs.append(d)
+    return dirs

@@ -78,3 +78,16 @@ def binary_labels(labels: np.ndarray, path: str | Path, mode: str = "binary") ->
         if len(values) == 2
         else np.zeros_like(labels, dtype=np.uint8) + (values[0] > 0)
     )
+
+
+def check_finite_slice(image: np.ndarray, source: str = "input", index: int | None = None) -> None:
+    """Refuse NaN/inf in a float slice (they would poison the whole tile)."""
+    if not np.issubdtype(image.dtype, np.floating):
+        return
+    bad = ~np.isfinite(image)
+    if bad.any():
+        where = f" in slice {index}" if index is not None else ""
+        raise CellP2PError(
+            f"{source}: contains {int(bad.sum())} NaN/inf values{where}; replace them first "
+            "(e.g. Fiji: Process > Math > Remove NaNs)"
+        )

@@ -1,0 +1,274 @@
+"""Training data: sources, split, label kind, normalisation, paired augmentation, step batches."""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from cellp2p import checks, distributed, io
+from cellp2p.config import MAX_CLASSES, TrainConfig
+from cellp2p.errors import CellP2PError
+from cellp2p.normalization import Normalization
+from cellp2p.slices import parse_slices
+
+
+@dataclass
+class PairedData:
+    """Normalised training and validation pairs in memory, (N, C, Y, X) float32."""
+
+    train_x: np.ndarray
+    train_y: np.ndarray
+    val_x: np.ndarray
+    val_y: np.ndarray
+    val_ids: list[int]
+    input_norm: Normalization
+    target_norm: Normalization | None
+    target_kind: str  # binary | multiclass | image
+    classes: list[int]
+    spacing: tuple[float, float, float] | None
+    sources: dict[str, str]
+
+    @property
+    def in_channels(self) -> int:
+        return self.train_x.shape[1]
+
+    @property
+    def out_channels(self) -> int:
+        if self.target_kind == "multiclass":
+            return len(self.classes)
+        return self.train_y.shape[1]
+
+
+def _resolve_sources(cfg: TrainConfig) -> tuple[Path, Path, list[int] | None, list[int] | None]:
+    """Volume/labels paths and the manifest's split (None when the user gives files)."""
+    if cfg.manifest:
+        if cfg.volume or cfg.labels:
+            raise CellP2PError("give either --manifest or --volume/--labels, not both")
+        from cellp2p.manifests import load_manifest, resolve_files
+
+        manifest = load_manifest(cfg.manifest)
+        files = resolve_files(
+            manifest, Path(cfg.data_dir) if cfg.data_dir else None, roles=("volume", "labels")
+        )
+        split = manifest.split or {}
+        train = _as_ids(split.get("train"))
+        val = _as_ids(split.get("val"))
+        return files["volume"], files["labels"], train, val
+    if not cfg.volume or not cfg.labels:
+        raise CellP2PError(
+            "no training data: give --volume V.tif --labels L.tif, or --manifest NAME "
+            "(e.g. isbi2012), or try 'cellp2p synth --out DIR' for a synthetic pair"
+        )
+    return Path(cfg.volume), Path(cfg.labels), None, None
+
+
+def _as_ids(value: Any) -> list[int] | None:
+    if value is None:
+        return None
+    if isinstance(value, str):
+        return parse_slices(value, 10**9)
+    return [int(v) for v in value]
+
+
+def _target_kind(labels: np.ndarray, path: Path, cfg: TrainConfig) -> tuple[str, list[int]]:
+    """binary / multiclass / image, and the class values."""
+    if cfg.task == "translate":
+        return "image", []
+    checks.check_grayscale(labels, path)
+    if cfg.labels_mode == "nonzero":
+        return "binary", [0, 1]
+    values = np.unique(labels)
+    if cfg.labels_mode == "binary" or len(values) <= 2:
+        checks.binary_labels(labels, path, "binary")
+        return "binary", [int(v) for v in values]
+    if cfg.labels_mode == "multiclass" or len(values) <= MAX_CLASSES:
+        if len(values) > 256:
+            raise CellP2PError(f"{path}: {len(values)} label values is too many classes")
+        return "multiclass", [int(v) for v in values]
+    raise CellP2PError(
+        f"{path}: labels have {len(values)} values (looks like instance labels); pass "
+        "--labels-mode nonzero to segment foreground = label > 0, or --task translate"
+    )
+
+
+def load_data(cfg: TrainConfig, norms: dict[str, Any] | None = None) -> PairedData:
+    """Read, validate, split and normalise the training pair."""
+    vpath, lpath, split_train, split_val = _resolve_sources(cfg)
+    volume = io.read_stack(vpath)
+    labels = io.read_stack(lpath)
+    checks.check_pair(volume.data.shape, labels.data.shape, vpath, lpath)
+    checks.check_finite(volume.data, vpath)
+    checks.check_finite(labels.data, lpath)
+    n = volume.data.shape[0]
+    train_ids = parse_slices(cfg.train_slices, n) if cfg.train_slices else split_train
+    val_ids = parse_slices(cfg.val_slices, n) if cfg.val_slices else split_val
+    if train_ids is None:
+        # Without a split, hold out the last fifth (at least one slice) when there are several.
+        n_val = max(1, n // 5) if n > 1 else 0
+        train_ids = list(range(n - n_val))
+        val_ids = val_ids if val_ids is not None else list(range(n - n_val, n)) or train_ids
+    if val_ids is None:
+        rest = [i for i in range(n) if i not in set(train_ids)]
+        val_ids = rest or train_ids[-1:]
+    for ids, what in ((train_ids, "train"), (val_ids, "val")):
+        bad = [i for i in ids if not 0 <= i < n]
+        if bad:
+            raise CellP2PError(f"{vpath}: {what} slice {bad[0]} is out of range (0-{n - 1})")
+
+    kind, classes = _target_kind(labels.data, lpath, cfg)
+    if kind == "binary":
+        mode = "nonzero" if cfg.labels_mode == "nonzero" else "binary"
+        target = checks.binary_labels(labels.data, lpath, mode).astype(np.float32)[:, None]
+    elif kind == "multiclass":
+        lut = {v: i for i, v in enumerate(classes)}
+        target = np.vectorize(lut.__getitem__, otypes=[np.float32])(labels.data)[:, None]
+    else:
+        target = labels.data if labels.data.ndim == 4 else labels.data[:, None]
+    source = volume.data if volume.data.ndim == 4 else volume.data[:, None]
+
+    if cfg.direction == "BtoA":
+        if cfg.task != "translate":
+            raise CellP2PError(
+                "--direction BtoA makes images from labels: use it with --task translate"
+            )
+        source, target = target, source
+    fit_ids = train_ids
+    if norms:
+        in_norm = Normalization.from_dict(norms["input"])
+        t_norm = Normalization.from_dict(norms["target"]) if norms.get("target") else None
+    else:
+        in_norm = Normalization.fit(source[fit_ids], cfg.norm_method)
+        t_norm = Normalization.fit(target[fit_ids], cfg.norm_method) if kind == "image" else None
+    x = in_norm.apply(source)
+    y = np.clip(t_norm.apply(target), 0.0, 1.0) if t_norm else target.astype(np.float32)
+    H, W = x.shape[-2:]
+    if cfg.crop > min(H, W):
+        raise CellP2PError(
+            f"--crop {cfg.crop} is larger than the slices of {vpath} ({H}x{W}); "
+            f"use --crop {min(H, W)} or smaller"
+        )
+    return PairedData(
+        train_x=x[train_ids],
+        train_y=y[train_ids],
+        val_x=x[val_ids],
+        val_y=y[val_ids],
+        val_ids=list(val_ids),
+        input_norm=in_norm,
+        target_norm=t_norm,
+        target_kind=kind,
+        classes=classes,
+        spacing=volume.spacing,
+        sources={"volume": str(vpath), "labels": str(lpath)},
+    )
+
+
+def make_augment(cfg: TrainConfig, target_kind: str) -> Callable[[dict], dict]:
+    """Paired MONAI dictionary transforms, drawn once and applied to input and target alike."""
+    from monai.transforms import (
+        Compose,
+        Rand2DElasticd,
+        RandFlipd,
+        RandRotate90d,
+        RandScaleIntensityd,
+        RandShiftIntensityd,
+        RandSpatialCropd,
+        Resized,
+    )
+
+    keys = ["image", "target"]
+    nearest = "nearest" if target_kind != "image" else "bilinear"
+    ts: list = []
+    if cfg.jitter:  # the pix2pix paper's jitter: resize to 286/256 of the crop, random crop back
+        big = round(cfg.crop * 286 / 256)
+        ts.append(RandSpatialCropd(keys, roi_size=(cfg.crop, cfg.crop), random_size=False))
+        ts.append(Resized(keys, spatial_size=(big, big), mode=("bilinear", nearest)))
+    ts.append(RandSpatialCropd(keys, roi_size=(cfg.crop, cfg.crop), random_size=False))
+    if cfg.augment:
+        ts += [
+            RandFlipd(keys, prob=0.5, spatial_axis=0),
+            RandFlipd(keys, prob=0.5, spatial_axis=1),
+            RandRotate90d(keys, prob=0.5, max_k=3),
+        ]
+        if cfg.elastic:  # as the U-Net paper did for ISBI 2012
+            ts.append(
+                Rand2DElasticd(
+                    keys,
+                    spacing=(max(8, cfg.crop // 8),) * 2,
+                    magnitude_range=(1.0, 3.0),
+                    prob=0.5,
+                    mode=("bilinear", nearest),
+                    padding_mode="reflection",
+                )
+            )
+        ts += [
+            RandScaleIntensityd("image", factors=0.1, prob=0.5),
+            RandShiftIntensityd("image", offsets=0.1, prob=0.5),
+        ]
+    return Compose(ts)
+
+
+class StepBatches(torch.utils.data.Dataset):
+    """Item ``step`` is the batch for that step, a pure function of (seed, step).
+
+    With ``world_size`` W, the step's global batch has W × batch_size crops and rank r gets
+    crops r·b … (r+1)·b − 1 of it: W ranks × b crops see exactly the crops one process would
+    see with W·b. The choice of slices and the augmentation seeds of the whole global batch are
+    drawn on every rank (cheap); only the rank's own crops are augmented.
+    """
+
+    def __init__(self, data: PairedData, cfg: TrainConfig, rank: int = 0, world_size: int = 1):
+        self.x, self.y = data.train_x, data.train_y
+        self.cfg = cfg
+        self.augment = make_augment(cfg, data.target_kind)
+        self.total, self.lo, self.hi = distributed.shard_bounds(cfg.batch_size, rank, world_size)
+
+    def __len__(self) -> int:
+        return 2**62
+
+    def __getitem__(self, step: int) -> tuple[torch.Tensor, torch.Tensor]:
+        rng = np.random.default_rng([self.cfg.seed, step])
+        ids = rng.integers(0, len(self.x), size=self.total)
+        seeds = [int(rng.integers(2**31)) for _ in range(self.total)]
+        xs, ys = [], []
+        with _plain_tensors():
+            for i, seed in zip(ids[self.lo : self.hi], seeds[self.lo : self.hi], strict=True):
+                self.augment.set_random_state(seed=seed)
+                item = self.augment({"image": self.x[i], "target": self.y[i]})
+                xs.append(torch.as_tensor(np.asarray(item["image"]), dtype=torch.float32))
+                ys.append(torch.as_tensor(np.asarray(item["target"]), dtype=torch.float32))
+        return torch.stack(xs), torch.stack(ys)
+
+
+@contextlib.contextmanager
+def _plain_tensors() -> Iterator[None]:
+    """MONAI transforms without MetaTensor bookkeeping (the crops need no affine or history):
+    the same values, a batch of 4 crops of 256² in 25 instead of 43 ms (benchmarks/RESULTS.md)."""
+    from monai.data import get_track_meta, set_track_meta
+
+    before = get_track_meta()
+    set_track_meta(False)
+    try:
+        yield
+    finally:
+        set_track_meta(before)
+
+
+def steps_per_epoch(cfg: TrainConfig, data: PairedData, world_size: int = 1) -> int:
+    """Steps whose crops (``world_size × --batch-size`` a step) cover the training slices once."""
+    H, W = data.train_x.shape[-2:]
+    crops = len(data.train_x) * H * W / (cfg.crop * cfg.crop)
+    return max(1, math.ceil(crops / cfg.batch_size / world_size))
+
+
+def total_steps(cfg: TrainConfig, data: PairedData, world_size: int = 1) -> int:
+    """--max-steps, or --epochs where an epoch is enough crops to cover the training slices once."""
+    if cfg.max_steps is not None:
+        return cfg.max_steps
+    return (cfg.epochs or 1) * steps_per_epoch(cfg, data, world_size)

@@ -1,0 +1,137 @@
+"""Writing files safely: output checks, and every write through a temporary name renamed into place.
+
+An interrupted or failed write (a kill, a full disk) never leaves a file that looks finished,
+and never a half-written replacement of an earlier one.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import json
+import math
+import os
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from cellp2p.errors import CellP2PError
+
+
+def _file_in_the_way(path: Path) -> Path | None:
+    """The nearest existing ancestor of ``path`` when it is a file rather than a folder."""
+    for parent in path.parents:
+        if parent.exists():
+            return None if parent.is_dir() else parent
+    return None
+
+
+def check_output(path: str | Path, force: bool = False) -> Path:
+    """Refuse to overwrite an existing file without ``force``; make the folder if needed."""
+    path = Path(path)
+    blocker = _file_in_the_way(path)
+    if blocker is not None:
+        raise CellP2PError(
+            f"{path}: cannot write it: {blocker} is a file, not a folder; "
+            "choose another output folder"
+        )
+    if path.exists() and not force:
+        raise CellP2PError(
+            f"{path}: already exists; pass --force to overwrite it or choose another name"
+        )
+    if path.is_dir():
+        kind = path.suffix or ".tif"
+        raise CellP2PError(f"{path}: is a folder; give a file name ending in {kind}")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise CellP2PError(
+            f"{path.parent}: cannot create the output folder ({err.strerror}); "
+            "choose another output folder"
+        ) from None
+    if not os.access(path.parent, os.W_OK):
+        raise CellP2PError(f"{path.parent}: folder is not writable; choose another output folder")
+    return path
+
+
+def check_folder_writable(folder: str | Path) -> Path:
+    """Refuse a folder (or the nearest existing folder above it) that cannot be written to."""
+    folder = Path(folder)
+    blocker = _file_in_the_way(folder / "x")
+    if blocker is not None:
+        raise CellP2PError(
+            f"{folder}: cannot write it: {blocker} is a file, not a folder; choose another folder"
+        )
+    existing = next(p for p in (folder, *folder.parents) if p.exists())
+    if not os.access(existing, os.W_OK):
+        raise CellP2PError(f"{existing}: folder is not writable; choose another output folder")
+    return folder
+
+
+def write_failed(path: Path, err: OSError) -> CellP2PError:
+    """One line for a write that failed part-way (disk full, quota, I/O error)."""
+    reason = err.strerror or str(err) or type(err).__name__
+    hint = (
+        "free some space or choose another output folder"
+        if err.errno in (errno.ENOSPC, errno.EDQUOT)
+        else "check the output folder and try again"
+    )
+    return CellP2PError(f"{path}: could not be written ({reason}); nothing was saved: {hint}")
+
+
+def temp_name(path: Path) -> Path:
+    return path.with_name(f".{path.name}.{os.getpid()}.part")
+
+
+def to_json(obj: Any) -> Any:
+    """JSON-safe copy: numpy scalars to Python numbers, inf/nan to None (not in strict JSON)."""
+    if isinstance(obj, dict):
+        return {str(k): to_json(v) for k, v in obj.items()}
+    if isinstance(obj, list | tuple):
+        return [to_json(v) for v in obj]
+    if isinstance(obj, np.generic):
+        obj = obj.item()
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return None
+    if isinstance(obj, Path):
+        return str(obj)
+    return obj
+
+
+def write_json(path: str | Path, obj: Any) -> Path:
+    """Write strict JSON atomically (temporary file, then rename); nothing is left on failure."""
+    path = Path(path)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise CellP2PError(f"{path.parent}: cannot create the folder ({err.strerror})") from None
+    write_text_atomic(path, json.dumps(to_json(obj), indent=2, allow_nan=False) + "\n")
+    return path
+
+
+def write_text_atomic(path: str | Path, text: str) -> Path:
+    """Write a text file through a temporary file renamed into place (see :func:`atomic_path`)."""
+    with atomic_path(path) as tmp:
+        tmp.write_text(text)
+    return Path(path)
+
+
+@contextlib.contextmanager
+def atomic_path(path: str | Path) -> Iterator[Path]:
+    """A temporary name beside ``path`` to write to; renamed onto ``path`` if the block succeeds.
+
+    On any failure the temporary file is removed and ``path`` is left as it was; an OSError
+    (disk full, permissions) becomes one CellP2PError naming ``path``.
+    """
+    path = Path(path)
+    tmp = temp_name(path)
+    try:
+        yield tmp
+        os.replace(tmp, path)
+    except OSError as err:
+        raise write_failed(path, err) from None
+    finally:
+        with contextlib.suppress(OSError):
+            tmp.unlink(missing_ok=True)

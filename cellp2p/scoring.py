@@ -1,0 +1,151 @@
+"""One scoring function for training validation, ``evaluate`` and ``compare``, and one table of
+metric directions."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+
+from cellp2p.errors import CellP2PError
+from cellp2p.metrics import (
+    DEFAULT_THRESHOLDS,
+    _best_scores,
+    _check_labels,
+    _detect_kind,
+    _same_shape,
+    average_precision,
+    dice_iou,
+    mae,
+    pixel_error,
+    psnr,
+    segments_from_binary,
+    ssim,
+    thin_boundaries,
+)
+
+
+def _segment_slice(p: np.ndarray, t: np.ndarray, kind: str, target_is_labels: bool) -> dict:
+    """All segmentation metrics of one slice (see evaluate_arrays)."""
+    fg = p > 0.5 if kind == "prob" else p > 0
+    t_fg = t > 0
+    row: dict[str, Any] = {"pixel_error": pixel_error(fg, t_fg)}
+    row.update(dice_iou(fg.astype(np.uint8), t_fg.astype(np.uint8), num_classes=2))
+    gt_seg = _check_labels(t, "target") if target_is_labels else segments_from_binary(t_fg)
+    if kind == "prob":
+        cands = [(th, thin_boundaries(segments_from_binary(p > th))) for th in DEFAULT_THRESHOLDS]
+    elif kind == "mask":
+        cands = [(0.5, thin_boundaries(segments_from_binary(fg)))]
+    else:
+        cands = [(0.5, thin_boundaries(_check_labels(p, "prediction")))]
+    row.update(_best_scores(cands, gt_seg))
+    # Instances for AP: labels as given, otherwise components of the foreground at 0.5.
+    pred_inst = _check_labels(p, "prediction") if kind == "labels" else segments_from_binary(fg)
+    row["ap_50"] = average_precision(pred_inst, gt_seg, 0.5)
+    row["ap_75"] = average_precision(pred_inst, gt_seg, 0.75)
+    return row
+
+
+def _default_data_range(target: np.ndarray) -> float:
+    """Integer targets: full dtype range; float targets: max - min of the whole stack."""
+    if target.dtype == bool:
+        return 1.0
+    if np.issubdtype(target.dtype, np.integer):
+        info = np.iinfo(target.dtype)
+        return float(info.max) - float(info.min)
+    rng = float(np.max(target)) - float(np.min(target))
+    if not rng > 0 or not math.isfinite(rng):
+        raise CellP2PError("evaluate: target is constant or non-finite; pass data_range explicitly")
+    return rng
+
+
+def evaluate_arrays(
+    pred: np.ndarray,
+    target: np.ndarray,
+    task: str = "segment",
+    *,
+    kind: str = "auto",
+    data_range: float | None = None,
+    slice_ids: Sequence[int] | None = None,
+) -> dict:
+    """Per-slice and mean metrics of a (Z, Y, X) prediction stack against its target stack.
+
+    ``segment``: ``pred`` is a cell-interior probability map, a binary mask or instance labels
+    (``kind`` = "prob" | "mask" | "labels"; "auto": bool, 0/1 floats or at most two values ->
+    mask, other floats in [0, 1] -> prob, otherwise labels; scale 8-bit probability maps to
+    [0, 1] first); ``target`` is binary (> 0 = interior) or instance labels (more than two
+    values). Per slice: pixel_error and dice/iou of classes 0 (boundary) and
+    1 (interior) at prob > 0.5 (> 0 for masks/labels); the ISBI scores of :func:`isbi_scores`
+    (threshold sweep for prob, a single proposal reported at threshold 0.5 otherwise; label
+    predictions are thinned and used as segments); ap_50 / ap_75 of :func:`average_precision`
+    (binary inputs become instances via :func:`segments_from_binary`, prob at 0.5).
+    ``translate``: mae, psnr, ssim with ``data_range`` (default: the target dtype's range for
+    integers, else target max - min over the stack).
+    Returns {"task", "per_slice": [{"slice": id, metric: value}], "mean": {metric: value}} of
+    plain Python numbers; psnr may be inf (identical slices), and so may its mean.
+    """
+    if task not in ("segment", "translate"):
+        raise CellP2PError(f"evaluate: task must be 'segment' or 'translate', got {task!r}")
+    pred, target = np.asarray(pred), np.asarray(target)
+    if pred.ndim == 2:
+        pred, target = pred[None], target[None]  # a single slice is a stack of one
+    _same_shape(pred, target, "evaluate")
+    if pred.ndim != 3:
+        raise CellP2PError(f"evaluate: expected (Z, Y, X) stacks, got shape {pred.shape}")
+    ids = list(range(pred.shape[0])) if slice_ids is None else [int(i) for i in slice_ids]
+    if len(ids) != pred.shape[0]:
+        raise CellP2PError(f"evaluate: {len(ids)} slice ids for a stack of {pred.shape[0]} slices")
+
+    rows: list[dict[str, Any]] = []
+    if task == "segment":
+        if kind == "auto":
+            kind = _detect_kind(pred)
+        if kind not in ("prob", "mask", "labels"):
+            raise CellP2PError(f"evaluate: kind must be auto, prob, mask or labels, got {kind!r}")
+        if kind == "prob" and (pred.min() < 0 or pred.max() > 1):
+            raise CellP2PError("evaluate: kind='prob' needs values in [0, 1]")
+        target_is_labels = target.dtype != bool and np.unique(target).size > 2
+        for z, sid in enumerate(ids):
+            rows.append(
+                {"slice": sid, **_segment_slice(pred[z], target[z], kind, target_is_labels)}
+            )
+    else:
+        rng = _default_data_range(target) if data_range is None else float(data_range)
+        for z, sid in enumerate(ids):
+            rows.append(
+                {
+                    "slice": sid,
+                    "mae": mae(pred[z], target[z]),
+                    "psnr": psnr(pred[z], target[z], rng),
+                    "ssim": ssim(pred[z], target[z], rng),
+                }
+            )
+    keys = [k for k in rows[0] if k != "slice"] if rows else []
+    mean = {k: float(np.mean([r[k] for r in rows])) for k in keys}
+    return {"task": task, "per_slice": rows, "mean": mean}
+
+
+def _fmt(v: Any) -> str:
+    """Format one table cell."""
+    if isinstance(v, float):
+        return "inf" if math.isinf(v) else f"{v:.4f}"
+    return str(v)
+
+
+def format_table(result: dict) -> str:
+    """Plain-text table of an evaluate_arrays result: one row per slice and a final mean row."""
+    rows = result.get("per_slice", [])
+    keys: list[str] = []
+    for r in rows:
+        keys.extend(k for k in r if k != "slice" and k not in keys)
+    keys.extend(k for k in result.get("mean", {}) if k not in keys)
+    header = ["slice", *keys]
+    body = [[_fmt(r.get("slice", "")), *(_fmt(r.get(k, "")) for k in keys)] for r in rows]
+    body.append(["mean", *(_fmt(result.get("mean", {}).get(k, "")) for k in keys)])
+    widths = [max(len(h), *(len(line[i]) for line in body)) for i, h in enumerate(header)]
+    lines = ["  ".join(h.rjust(w) for h, w in zip(header, widths, strict=True))]
+    lines.append("  ".join("-" * w for w in widths))
+    lines += ["  ".join(c.rjust(w) for c, w in zip(line, widths, strict=True)) for line in body]
+    return "\n".join(lines)

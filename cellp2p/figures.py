@@ -244,7 +244,7 @@ ERROR_LEGEND = {
 }
 
 
-# loss_g (the weighted sum of the two terms) and val_l1 (= MAE) would only repeat other panels.
+# loss_g (the weighted sum of the two terms) would only repeat other panels.
 CURVE_KEYS = (
     "loss",
     "loss_g_l1",

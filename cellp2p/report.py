@@ -15,13 +15,11 @@ from pathlib import Path
 from typing import Any
 
 from cellp2p.figures import ERROR_LEGEND
+from cellp2p.scoring import NOT_RANKED, lower_is_better
 from cellp2p.slices import format_ranges
 
 Echo = Callable[[str], Any]
 
-# Metrics where a smaller value is better (every other scored metric: larger is better).
-LOWER_BETTER = {"pixel_error", "mae", "seg_pixel_error"}
-NOT_RANKED = {"v_rand_threshold", "v_info_threshold"}
 SEG_SCORE_KEYS = ("dice_1", "pixel_error", "v_rand")  # the segmentability (FCN-score) columns
 RUN_COLUMNS = (
     ("run", "run"),
@@ -74,7 +72,7 @@ def _best(rows: Sequence[dict], key: str) -> float | None:
     vals = [r.get(key) for r in rows if isinstance(r.get(key), int | float)]
     if key in NOT_RANKED or len(set(vals)) < 2:
         return None  # nothing to single out: one row, or every run scored the same
-    return min(vals) if key in LOWER_BETTER else max(vals)
+    return min(vals) if lower_is_better(key) else max(vals)
 
 
 def group_table(

@@ -25,11 +25,29 @@ from cellp2p.metrics import (
     ssim,
     thin_boundaries,
 )
+from cellp2p.outputs import THRESHOLD, foreground_prob
+
+# Metrics where a smaller value is better; every other scored metric: larger is better.
+LOWER_IS_BETTER = frozenset({"pixel_error", "mae", "seg_pixel_error"})
+# Reported beside the scores but not a quality (the threshold a best score was found at).
+NOT_RANKED = frozenset({"v_rand_threshold", "v_info_threshold"})
+
+
+def lower_is_better(metric: str) -> bool:
+    """Whether a smaller value of ``metric`` (with or without a ``val_`` prefix) is better."""
+    return metric.removeprefix("val_") in LOWER_IS_BETTER
+
+
+def is_improvement(metric: str, new: float, old: float | None) -> bool:
+    """Whether ``new`` beats ``old`` (None: nothing to beat) on ``metric``."""
+    if old is None:
+        return True
+    return new < old if lower_is_better(metric) else new > old
 
 
 def _segment_slice(p: np.ndarray, t: np.ndarray, kind: str, target_is_labels: bool) -> dict:
     """All segmentation metrics of one slice (see evaluate_arrays)."""
-    fg = p > 0.5 if kind == "prob" else p > 0
+    fg = p > THRESHOLD if kind == "prob" else p > 0
     t_fg = t > 0
     row: dict[str, Any] = {"pixel_error": pixel_error(fg, t_fg)}
     row.update(dice_iou(fg.astype(np.uint8), t_fg.astype(np.uint8), num_classes=2))
@@ -69,6 +87,7 @@ def evaluate_arrays(
     kind: str = "auto",
     data_range: float | None = None,
     slice_ids: Sequence[int] | None = None,
+    num_classes: int = 2,
 ) -> dict:
     """Per-slice and mean metrics of a (Z, Y, X) prediction stack against its target stack.
 
@@ -81,6 +100,8 @@ def evaluate_arrays(
     (threshold sweep for prob, a single proposal reported at threshold 0.5 otherwise; label
     predictions are thinned and used as segments); ap_50 / ap_75 of :func:`average_precision`
     (binary inputs become instances via :func:`segments_from_binary`, prob at 0.5).
+    ``kind`` "classes": ``pred`` and ``target`` are class indices (0 … ``num_classes`` - 1):
+    pixel_error and dice/iou per class.
     ``translate``: mae, psnr, ssim with ``data_range`` (default: the target dtype's range for
     integers, else target max - min over the stack).
     Returns {"task", "per_slice": [{"slice": id, metric: value}], "mean": {metric: value}} of
@@ -92,14 +113,18 @@ def evaluate_arrays(
     if pred.ndim == 2:
         pred, target = pred[None], target[None]  # a single slice is a stack of one
     _same_shape(pred, target, "evaluate")
-    if pred.ndim != 3:
+    if pred.ndim != 3:  # pragma: no cover - callers pass single-channel stacks
         raise CellP2PError(f"evaluate: expected (Z, Y, X) stacks, got shape {pred.shape}")
     ids = list(range(pred.shape[0])) if slice_ids is None else [int(i) for i in slice_ids]
     if len(ids) != pred.shape[0]:
         raise CellP2PError(f"evaluate: {len(ids)} slice ids for a stack of {pred.shape[0]} slices")
 
     rows: list[dict[str, Any]] = []
-    if task == "segment":
+    if task == "segment" and kind == "classes":
+        for z, sid in enumerate(ids):
+            row = {"slice": sid, "pixel_error": pixel_error(pred[z], target[z])}
+            rows.append({**row, **dice_iou(pred[z], target[z], num_classes)})
+    elif task == "segment":
         if kind == "auto":
             kind = _detect_kind(pred)
         if kind not in ("prob", "mask", "labels"):
@@ -125,6 +150,35 @@ def evaluate_arrays(
     keys = [k for k in rows[0] if k != "slice"] if rows else []
     mean = {k: float(np.mean([r[k] for r in rows])) for k in keys}
     return {"task": task, "per_slice": rows, "mean": mean}
+
+
+def score_outputs(
+    pred: np.ndarray, target: np.ndarray, target_kind: str, classes: Sequence[int] = ()
+) -> dict[str, float]:
+    """Mean scores of network outputs against training targets, as training validation logs them.
+
+    ``pred``: (N, C, Y, X) in [0, 1] (:func:`cellp2p.outputs.to_unit`); ``target``: (N, 1, Y, X)
+    0/1 (binary), class indices (multiclass) or (N, C, Y, X) images in [0, 1]. The same
+    :func:`evaluate_arrays` that ``evaluate`` and ``compare`` use, so a prediction written by
+    ``predict`` and scored by ``evaluate`` gives the numbers training logged.
+    """
+    if target_kind == "binary":
+        prob = np.stack([foreground_prob(p, target_kind) for p in pred])
+        result = evaluate_arrays(np.clip(prob, 0, 1), target[:, 0], "segment", kind="prob")
+    elif target_kind == "multiclass":
+        result = evaluate_arrays(
+            pred.argmax(1),
+            target[:, 0].astype(np.int64),
+            "segment",
+            kind="classes",
+            num_classes=max(len(classes), pred.shape[1]),
+        )
+    else:  # every channel of every slice scored as one image in [0, 1]
+        flat = np.clip(pred, 0, 1).reshape(-1, *pred.shape[-2:])
+        result = evaluate_arrays(
+            flat, target.reshape(-1, *target.shape[-2:]), "translate", data_range=1.0
+        )
+    return result["mean"]
 
 
 def _fmt(v: Any) -> str:

@@ -46,6 +46,7 @@ from cellp2p.models.blocks import center_crop
 from cellp2p.modes import Mode, make_mode
 from cellp2p.rundir import RunLock, _read_records
 from cellp2p.runtime import resolve_precision, seed_everything
+from cellp2p.scoring import is_improvement, score_outputs
 from cellp2p.tiling import forward_full
 
 # -- data ------------------------------------------------------------------------------------
@@ -59,8 +60,6 @@ from cellp2p.tiling import forward_full
 
 def validate_run(mode: Mode, data: PairedData, device: torch.device) -> tuple[dict, np.ndarray]:
     """Metrics on whole held-out slices (not crops), and the predictions in [0, 1]."""
-    from cellp2p import metrics
-
     preds = []
     net = mode.main
     was_training = net.training
@@ -74,34 +73,7 @@ def validate_run(mode: Mode, data: PairedData, device: torch.device) -> tuple[di
         for m in mode.nets.values():
             m.train()
     pred = np.stack(preds)
-    out: dict[str, float] = {}
-    if data.target_kind == "binary":
-        p, t = pred[:, 0] >= 0.5, data.val_y[:, 0] >= 0.5
-        out["pixel_error"] = float(
-            np.mean([metrics.pixel_error(a, b) for a, b in zip(p, t, strict=True)])
-        )
-        per = [
-            metrics.dice_iou(a.astype(np.int64), b.astype(np.int64), 2)
-            for a, b in zip(p, t, strict=True)
-        ]
-    elif data.target_kind == "multiclass":
-        p, t = pred.argmax(1), data.val_y[:, 0].astype(np.int64)
-        out["pixel_error"] = float(np.mean(p != t))
-        per = [metrics.dice_iou(a, b, len(data.classes)) for a, b in zip(p, t, strict=True)]
-    else:
-        p = np.clip(pred, 0, 1)
-        per = [
-            {
-                "l1": metrics.mae(a[c], b[c]),
-                "psnr": metrics.psnr(a[c], b[c], data_range=1.0),
-                "ssim": metrics.ssim(a[c], b[c], data_range=1.0),
-            }
-            for a, b in zip(p, data.val_y, strict=True)
-            for c in range(a.shape[0])
-        ]
-    for key in per[0]:
-        out[key] = float(np.mean([row[key] for row in per]))
-    return out, pred
+    return score_outputs(pred, data.val_y, data.target_kind, data.classes), pred
 
 
 def versions(device: torch.device) -> dict[str, str]:
@@ -187,7 +159,6 @@ def _train(
             mode = make_mode(cfg, data, device, precision)
             steps = total_steps(cfg, data, world.size)
             best_metric = cfg.best_metric or default_best_metric(cfg, data.target_kind)
-            lower_better = best_metric in ("pixel_error", "l1")
             start, best, records = 0, None, []
             if ckpt:
                 for name, net in mode.nets.items():
@@ -237,7 +208,6 @@ def _train(
             start,
             best,
             best_metric,
-            lower_better,
             records,
             device,
             stop_after,
@@ -295,7 +265,6 @@ def _loop(
     start,
     best,
     best_metric,
-    lower_better,
     records,
     device,
     stop_after,
@@ -367,7 +336,6 @@ def _loop(
                             n_since * cfg.batch_size * world.size / max(elapsed, 1e-9),
                             best,
                             best_metric,
-                            lower_better,
                             records,
                             device,
                             world.size,
@@ -424,7 +392,6 @@ def _evaluate(
     ips,
     best,
     best_metric,
-    lower_better,
     records,
     device,
     world_size=1,
@@ -446,7 +413,7 @@ def _evaluate(
         raise CellP2PError(
             f"--best-metric {best_metric}: not computed; choose one of {sorted(val)}"
         )
-    improved = best is None or (value < best["value"] if lower_better else value > best["value"])
+    improved = is_improvement(best_metric, value, best and best["value"])
     if improved:
         best = {"metric": best_metric, "value": float(value), "step": step}
     payload = {

@@ -35,7 +35,13 @@ def to_model_range(x: torch.Tensor) -> torch.Tensor:
 
 
 def output_space(net: nn.Module) -> str:
-    """``logits`` (U-Net), ``unit`` (sigmoid generator) or ``symmetric`` (tanh/linear generator)."""
+    """``logits`` (U-Net), ``unit`` (sigmoid generator) or ``symmetric`` (tanh/linear generator).
+
+    A network may declare its space itself (``net.output_space``), as exported models do.
+    """
+    declared = getattr(net, "output_space", None)
+    if isinstance(declared, str):
+        return declared
     if getattr(net, "kind", None) != "generator":
         return "logits"
     return "unit" if net.config.final_activation == "sigmoid" else "symmetric"

@@ -82,7 +82,60 @@ def write_failed(path: Path, err: OSError) -> CellP2PError:
 
 
 def temp_name(path: Path) -> Path:
+    """The temporary name ``.NAME.PID.part`` a file is written under before its rename.
+
+    Temporary files that dead processes (a kill, a crash) left for the same name are removed.
+    """
+    clean_stale_parts(path)
     return path.with_name(f".{path.name}.{os.getpid()}.part")
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, OverflowError, ValueError):
+        return True  # another user's process (or an odd number): leave its file alone
+    return True
+
+
+def clean_stale_parts(path: Path) -> None:
+    """Remove ``.NAME.PID.part`` files beside ``path`` whose process no longer runs."""
+    with contextlib.suppress(OSError):
+        for part in path.parent.glob(f".{path.name}.*.part"):
+            pid = part.name[len(path.name) + 2 : -len(".part")]
+            if pid.isdigit() and int(pid) != os.getpid() and not _alive(int(pid)):
+                with contextlib.suppress(OSError):
+                    part.unlink()
+
+
+def claim(tmp: Path, path: Path, replace: bool) -> None:
+    """Rename a finished temporary file onto ``path``.
+
+    Without ``replace`` the final name is claimed exclusively (a hard link, which fails if the
+    name exists), so of two writers racing for one new output the second fails cleanly instead
+    of silently replacing the first one's result.
+    """
+    if replace:
+        os.replace(tmp, path)
+        return
+    try:
+        os.link(tmp, path)
+    except FileExistsError:
+        raise CellP2PError(
+            f"{path}: appeared while this command was writing it (another process?); "
+            "nothing was replaced: choose another name or pass --force"
+        ) from None
+    except OSError:  # a file system without hard links: fall back to the plain rename
+        if path.exists():
+            raise CellP2PError(
+                f"{path}: appeared while this command was writing it (another process?); "
+                "nothing was replaced: choose another name or pass --force"
+            ) from None
+        os.replace(tmp, path)
+        return
+    tmp.unlink()
 
 
 def to_json(obj: Any) -> Any:
@@ -135,3 +188,56 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
     finally:
         with contextlib.suppress(OSError):
             tmp.unlink(missing_ok=True)
+
+
+MARKER = ".cellp2p.json"
+# What an output folder written before markers existed holds, per kind of folder.
+_LEGACY_SIGNS = {
+    "run": ("checkpoints/last.pt", "metrics.jsonl"),
+    "report": ("report.json",),
+    "demo": ("runs", "report"),
+}
+
+
+def folder_kind(folder: Path) -> str | None:
+    """The kind of cellp2p output folder ``folder`` is (run, report, demo…), or None."""
+    marker = folder / MARKER
+    if marker.is_file():
+        with contextlib.suppress(OSError, ValueError, AttributeError):
+            return str(json.loads(marker.read_text()).get("kind"))
+        return None
+    for kind, signs in _LEGACY_SIGNS.items():
+        if all((folder / s).exists() for s in signs):
+            return kind
+    return None
+
+
+def claim_folder(folder: str | Path, kind: str, force: bool = False) -> Path:
+    """Make ``folder`` an output folder of ``kind``, or refuse with one line.
+
+    A command writes only into a folder that is new, empty, or already one of its own kind
+    (recognised by the marker this writes); a folder of another kind is always refused, any
+    other non-empty folder unless ``force`` — and even then the command only writes its own
+    files into it, never deleting what it did not create.
+    """
+    folder = Path(folder)
+    check_folder_writable(folder)
+    if folder.exists() and not folder.is_dir():
+        raise CellP2PError(f"{folder}: is a file, not a folder; choose another output folder")
+    found = folder_kind(folder) if folder.is_dir() else None
+    if found is not None and found != kind:
+        raise CellP2PError(
+            f"{folder}: holds a cellp2p {found}, not a {kind}; choose another folder"
+        )
+    if found is None and folder.is_dir() and any(folder.iterdir()) and not force:
+        raise CellP2PError(
+            f"{folder}: exists and holds files cellp2p did not write; choose a new or empty "
+            f"folder, or pass --force to write the {kind} into it (nothing there is deleted)"
+        )
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise write_failed(folder, err) from None
+    if not (folder / MARKER).is_file():
+        write_text_atomic(folder / MARKER, json.dumps({"kind": kind}) + "\n")
+    return folder

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import os
 import re
 import warnings
 import xml.etree.ElementTree as ET
@@ -21,7 +20,7 @@ import numpy as np
 import tifffile
 
 from cellp2p.errors import CellP2PError
-from cellp2p.fsutil import check_output, temp_name, write_failed
+from cellp2p.fsutil import check_output, claim, temp_name, write_failed
 
 TIFF_SUFFIXES = (".tif", ".tiff")
 IMAGE_SUFFIXES = (*TIFF_SUFFIXES, ".png", ".jpg", ".jpeg", ".bmp")
@@ -505,6 +504,7 @@ class StackWriter:
         force: bool = False,
     ):
         self.path = check_output(path, force)
+        self._force = force
         dtype = np.dtype(dtype)
         if dtype == np.bool_:
             dtype = np.dtype(np.uint8)
@@ -558,7 +558,7 @@ class StackWriter:
                     with contextlib.suppress(Exception):  # already failing: keep that error
                         tif.close()
             if ok and self._count == self.shape[0]:
-                os.replace(self._tmp, self.path)
+                claim(self._tmp, self.path, replace=self._force)
                 renamed = True
         except OSError as err:
             raise write_failed(self.path, err) from None

@@ -22,6 +22,8 @@ NUCLEI_SPACING = (1.0, 0.2, 0.2)
 # Mean Voronoi cell area in px: membrane fraction ~ 1.9 * width / sqrt(area), so ~30 px
 # wide cells with 2-4 px membranes give the ~20% membrane pixels of ISBI 2012.
 _EM_CELL_AREA = 900.0
+MAX_SIDE = 16384  # synthetic slices larger than this are typos (and would take minutes)
+MAX_VOXELS = 2**30  # 1 Gi voxels: a few GB of float32 working memory
 _EM_MARGIN = 40  # seeds also fall outside the image so edge cells are cut, not stretched
 
 
@@ -71,7 +73,20 @@ def _check_dims(slices: int, shape: tuple[int, int]) -> tuple[int, tuple[int, in
             f"synthetic data: size {z} x {h} x {w} must be positive; "
             "pass e.g. --slices 8 --size 128"
         )
+    if z * h * w > MAX_VOXELS or max(h, w) > MAX_SIDE:
+        raise CellP2PError(
+            f"synthetic data: {z} x {h} x {w} is larger than synthetic stacks go (at most "
+            f"{MAX_SIDE} px a side and {MAX_VOXELS // 2**20} Mi voxels); pass a smaller "
+            "--size or --slices"
+        )
     return z, (h, w)
+
+
+def _check_seed(seed: int) -> int:
+    """NumPy seeds are non-negative integers."""
+    if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**63:
+        raise CellP2PError(f"--seed {seed}: give a non-negative integer, e.g. --seed 0")
+    return seed
 
 
 def _em_labels(rng: np.random.Generator, slices: int, shape: tuple[int, int]) -> np.ndarray:
@@ -172,7 +187,7 @@ def make_em(slices: int, shape: tuple[int, int], seed: int = 0) -> tuple[np.ndar
     """EM-like serial sections and ISBI-style labels (255 = cell interior, 0 = membrane), uint8."""
     slices, shape = _check_dims(slices, shape)
     h, w = shape
-    rng = np.random.default_rng(seed)
+    rng = np.random.default_rng(_check_seed(seed))
     cells = _em_labels(rng, slices, shape)
     membrane = _membranes(cells, rng)
     labels = np.where(membrane, 0, 255).astype(np.uint8)
@@ -224,7 +239,7 @@ def make_nuclei(
     """Fluorescence-like nuclei (uint16) and their instance labels (uint16, 0 = background)."""
     slices, shape = _check_dims(slices, shape)
     h, w = shape
-    rng = np.random.default_rng(seed)
+    rng = np.random.default_rng(_check_seed(seed))
     labels = np.zeros((slices, h, w), dtype=np.uint16)
     # Nuclei 5-11 um across at 0.2 um/px in-plane, 1 um between slices: about one per
     # 2000 px of slice area per 8 slices of depth, so some 20-30% of voxels are nuclei.
@@ -303,6 +318,7 @@ def synth(
     if kind not in KINDS:
         raise CellP2PError(f"synthetic kind {kind!r}: unknown; choose one of {', '.join(KINDS)}")
     slices, size = _check_dims(slices, size)
+    _check_seed(seed)
     out = Path(out)
     vol_path, lab_path = out / "volume.tif", out / "labels.tif"
     # Check both before writing either, so a refusal never leaves a half-written pair.

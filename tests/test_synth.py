@@ -109,3 +109,14 @@ def test_parse_size() -> None:
     for bad in ["", "x", "256x", "0", "12x0", "-4", "1.5", "abc", "3x4x5"]:
         with pytest.raises(CellP2PError):
             parse_size(bad)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [({"seed": -1}, "non-negative"), ({"size": (100000, 100000)}, "larger than synthetic")],
+)
+def test_synth_refuses_bad_seed_and_huge_sizes_before_writing(tmp_path, kwargs, match):
+    args = {"kind": "em", "out": tmp_path / "d", "slices": 2, "size": (32, 32), **kwargs}
+    with pytest.raises(CellP2PError, match=match):
+        synth(**args)
+    assert not (tmp_path / "d").exists()

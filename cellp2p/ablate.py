@@ -7,12 +7,35 @@ Re-running the same command skips finished variants and resumes an interrupted o
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
 from cellp2p.errors import CellP2PError
+
+DEFAULT_STEPS = 1000
+# The TrainConfig options `cellp2p ablate` shares with `train` (generated from the same table),
+# with ablate's own default and help where they differ: a step budget for every variant, an
+# evaluation interval that follows it, and a task that follows the direction.
+OPTIONS: dict[str, dict[str, Any]] = {
+    "volume": {},
+    "labels": {},
+    "manifest": {},
+    "data_dir": {},
+    "max_steps": {"default": DEFAULT_STEPS, "help": "Steps per run."},
+    "preset": {},
+    "crop": {},
+    "batch_size": {},
+    "seed": {},
+    "eval_every": {"default": None, "help": "Validate every N steps [max-steps / 10]."},
+    "direction": {},
+    "task": {"default": None, "help": "[segment; translate for BtoA]"},
+    "gan_mode": {},
+    "upsample": {},
+    "device": {},
+    "quiet": {},
+}
 
 # variant -> (table label, TrainConfig changes); Isola et al. 2017, Table 1, after the baseline.
 VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {
@@ -23,13 +46,38 @@ VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {
     "l1_gan": ("L1+GAN", {"mode": "pix2pix", "unconditional": True}),
     "l1_cgan": ("L1+cGAN", {"mode": "pix2pix", "unconditional": False}),
 }
+# What compare writes into the ablation's folder.
+REPORT_OUTPUTS = ("report.md", "report.html", "report.json", "loss_curves.png", "panels")
 # Options that may differ between an existing run folder and this ablation's request without
 # making the run a different experiment (where it runs, how it logs, and the planned length).
 _RUNTIME_KEYS = {"device", "quiet", "num_workers", "precision", "max_steps", "eval_every"}
 
 
-def variant_configs(base: dict[str, Any], variants: Sequence[str] | None = None) -> dict[str, Any]:
-    """TrainConfig of each requested variant: the shared settings plus the variant's changes."""
+def base_config(base: Any = None, **options: Any) -> dict[str, Any]:
+    """Every TrainConfig field the variants share: ``base`` (a TrainConfig or a dict of some
+    fields) with ``options`` over it; unset ``max_steps``, ``eval_every`` and ``task`` get
+    ablate's defaults, the rest TrainConfig's."""
+    from cellp2p.config import TrainConfig
+
+    values = asdict(base) if isinstance(base, TrainConfig) else dict(base or {})
+    values.update(options)
+    values = {k: str(v) if isinstance(v, Path) else v for k, v in values.items()}
+    if values.get("max_steps") is None:
+        values["max_steps"] = DEFAULT_STEPS
+    if values.get("eval_every") is None and isinstance(values["max_steps"], int):
+        values["eval_every"] = max(1, values["max_steps"] // 10)
+    if values.get("task") is None:
+        values["task"] = "translate" if values.get("direction") == "BtoA" else "segment"
+    return asdict(TrainConfig.from_dict(values, "ablate"))  # every field, each of its type
+
+
+def variant_configs(
+    base: Mapping[str, Any], variants: Sequence[str] | None = None
+) -> dict[str, Any]:
+    """Validated TrainConfig of each requested variant: the shared settings plus its changes.
+
+    All are checked before the first one trains, so a bad option does not surface hours later.
+    """
     from cellp2p.config import TrainConfig
 
     names = list(variants) if variants else list(VARIANTS)
@@ -38,7 +86,15 @@ def variant_configs(base: dict[str, Any], variants: Sequence[str] | None = None)
         raise CellP2PError(
             f"--variants: unknown {', '.join(unknown)}; choose from {', '.join(VARIANTS)}"
         )
-    return {v: TrainConfig(**{**base, **VARIANTS[v][1]}) for v in names}
+    configs = {}
+    for name in names:
+        changes = VARIANTS[name][1]
+        if changes["mode"] == "pix2pix":  # a base --loss is the U-Net baseline's
+            changes = {**changes, "loss": None}
+        cfg = TrainConfig.from_dict({**base, **changes}, "ablate")
+        cfg.validate()
+        configs[name] = cfg
+    return configs
 
 
 def run_state(run_dir: Path, cfg: Any) -> str:
@@ -76,90 +132,97 @@ def run_state(run_dir: Path, cfg: Any) -> str:
 
 
 def ablate(
+    base: Any = None,
     *,
-    volume: str | Path | None = None,
-    labels: str | Path | None = None,
-    manifest: str | None = None,
-    data_dir: str | Path | None = None,
     out: str | Path,
-    max_steps: int = 1000,
-    preset: str = "small",
-    crop: int = 256,
-    batch_size: int = 4,
-    seed: int = 0,
-    eval_every: int | None = None,
-    direction: str = "AtoB",
-    task: str | None = None,
-    gan_mode: str = "vanilla",
-    upsample: str | None = None,
     variants: Sequence[str] | None = None,
     segmenter: str | Path | None = None,
-    device: str = "auto",
-    quiet: bool = False,
+    force: bool = False,
     echo: Callable[[str], Any] | None = print,
+    **options: Any,
 ) -> dict:
     """Train the loss variants (same budget and seed) into OUT/runs/<variant>, then compare them.
 
-    ``task`` defaults to ``translate`` for ``direction="BtoA"`` (labels -> images) and to
-    ``segment`` otherwise. Finished variants are skipped and an interrupted one is resumed, so
-    the same call continues an ablation; a larger ``max_steps`` extends every run. Returns
-    ``{"runs": {variant: folder}, "report": <compare's report>}``.
+    ``base`` is a TrainConfig or a dict of its fields, and ``options`` are more of them (e.g.
+    ``volume=..., max_steps=500``); :func:`base_config` fills the rest. ``task`` defaults to
+    ``translate`` for ``direction="BtoA"`` (labels -> images) and to ``segment`` otherwise.
+    Finished variants are skipped and an interrupted one is resumed, so the same call continues
+    an ablation; a larger ``max_steps`` extends every run. Returns
+    ``{"runs": {variant: folder}, "report": <compare's report>}``. OUT must be new, empty or
+    an earlier ablation (``force``: a folder holding other files, which are left as they are);
+    every variant's folder is checked before the first one trains.
     """
     from cellp2p.compare import compare
-    from cellp2p.train import train
 
-    say = echo or (lambda _msg: None)
-    out = Path(out)
-    task = task or ("translate" if direction == "BtoA" else "segment")
-    base = {
-        "task": task,
-        "direction": direction,
-        "preset": preset,
-        "volume": str(volume) if volume else None,
-        "labels": str(labels) if labels else None,
-        "manifest": manifest,
-        "data_dir": str(data_dir) if data_dir else None,
-        "max_steps": max_steps,
-        "batch_size": batch_size,
-        "crop": crop,
-        "seed": seed,
-        "eval_every": eval_every or max(1, max_steps // 10),
-        "gan_mode": gan_mode,
-        "upsample": upsample,
-        "device": device,
-        "quiet": quiet,
+    shared = base_config(base, **options)
+    configs = variant_configs(shared, variants)
+    claim_ablation(Path(out), configs, force)
+    runs = {
+        name: _train_variant(i, len(configs), name, cfg, Path(out), echo)
+        for i, (name, cfg) in enumerate(configs.items(), start=1)
     }
-    configs = variant_configs(base, variants)
-    runs: dict[str, Path] = {}
-    for i, (name, cfg) in enumerate(configs.items(), start=1):
-        run_dir = out / "runs" / name
-        state = run_state(run_dir, cfg)
-        head = f"[{i}/{len(configs)}] {name} ({VARIANTS[name][0]})"
-        if state == "complete":
-            say(f"{head}: complete in {run_dir}, skipped")
-        elif state == "partial":
-            say(f"{head}: resuming {run_dir}")
-            keep = {"max_steps": cfg.max_steps, "quiet": quiet, "device": device}
-            train(cfg, run_dir, resume=True, resume_overrides=keep)
-        else:
-            say(f"{head}: training {cfg.max_steps} steps -> {run_dir}")
-            train(cfg, run_dir)
-        runs[name] = run_dir
     title = (
-        f"cellp2p ablation: {task} {direction}, {max_steps} steps x batch {batch_size} x crop "
-        f"{crop}, preset {preset}, seed {seed}"
+        f"cellp2p ablation: {shared['task']} {shared['direction']}, {shared['max_steps']} steps "
+        f"x batch {shared['batch_size']} x crop {shared['crop']}, preset {shared['preset']}, "
+        f"seed {shared['seed']}"
     )
+    data = {k: shared.get(k) for k in ("volume", "labels", "manifest", "data_dir", "device")}
     report = compare(
         list(runs.values()),
-        volume=volume,
-        labels=labels,
-        manifest=manifest,
-        data_dir=data_dir,
+        **data,
         out=out,
         segmenter=segmenter,
         names=[VARIANTS[v][0] for v in runs],
         title=title,
-        device=device,
         echo=echo,
     )
     return {"runs": {k: str(v) for k, v in runs.items()}, "report": report}
+
+
+def claim_ablation(out: Path, configs: Mapping[str, Any], force: bool) -> None:
+    """Check OUT and each variant's run folder (refusing with one line), then claim OUT.
+
+    The ablation's folder is a report folder (the comparison is written there) holding
+    ``runs/``; one written before folders carried a marker is recognised by its runs.
+    """
+    from cellp2p.fsutil import check_claim, claim_folder
+
+    outputs = ("runs", *REPORT_OUTPUTS)
+    earlier = _earlier_ablation(out)
+    check_claim(out, "report", force or earlier, () if earlier else outputs)
+    for name, cfg in configs.items():
+        run_state(out / "runs" / name, cfg)  # refuses a run trained with other settings
+    claim_folder(out, "report", force or earlier, () if earlier else outputs)
+
+
+def _earlier_ablation(out: Path) -> bool:
+    """Whether OUT holds an ablation from before markers: only cellp2p runs under runs/."""
+    from cellp2p.fsutil import folder_kind
+
+    runs = out / "runs"
+    if not runs.is_dir() or folder_kind(out) is not None:
+        return False
+    subs = list(runs.iterdir())
+    return bool(subs) and all(p.name in VARIANTS and folder_kind(p) == "run" for p in subs)
+
+
+def _train_variant(
+    i: int, n: int, name: str, cfg: Any, out: Path, echo: Callable[[str], Any] | None
+) -> Path:
+    """Train (or resume, or skip when complete) variant ``name`` into OUT/runs/<name>."""
+    from cellp2p.train import train
+
+    say = echo or (lambda _msg: None)
+    run_dir = out / "runs" / name
+    state = run_state(run_dir, cfg)
+    head = f"[{i}/{n}] {name} ({VARIANTS[name][0]})"
+    if state == "complete":
+        say(f"{head}: complete in {run_dir}, skipped")
+    elif state == "partial":
+        say(f"{head}: resuming {run_dir}")
+        keep = {"max_steps": cfg.max_steps, "quiet": cfg.quiet, "device": cfg.device}
+        train(cfg, run_dir, resume=True, resume_overrides=keep)
+    else:
+        say(f"{head}: training {cfg.max_steps} steps -> {run_dir}")
+        train(cfg, run_dir)
+    return run_dir

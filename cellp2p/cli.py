@@ -1,19 +1,27 @@
-"""The ``cellp2p`` command line: click parses, then one library function does the work."""
+"""The ``cellp2p`` command line: click parses, then one library function does the work.
+
+The options of ``train`` and ``ablate`` (and the ones other commands share with them) are
+generated from the table in :mod:`cellp2p.config`; other choice lists come from their owners.
+"""
 
 from __future__ import annotations
 
 import errno
 import json
 import sys
-from dataclasses import fields
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import click
 from click.core import ParameterSource
 
 from cellp2p import __version__
+from cellp2p.demo import DEFAULT_STEPS as DEMO_STEPS
 from cellp2p.errors import CellP2PError
+
+if TYPE_CHECKING:  # the table imports torch (through its choice lists): only when used
+    from cellp2p.config import TrainConfig
 
 
 class Group(click.Group):
@@ -29,6 +37,10 @@ class Group(click.Group):
             ctx.exit(130)
         except OSError as err:  # a file system refusal the library did not foresee: one line
             raise click.ClickException(_os_error_line(err)) from None
+        except MemoryError:
+            raise click.ClickException(
+                "out of memory: use smaller inputs or a smaller --batch-size, --crop or --tile"
+            ) from None
 
 
 _OS_ERROR_HINTS = {
@@ -44,7 +56,12 @@ _OS_ERROR_HINTS = {
 
 
 def _os_error_line(err: OSError) -> str:
-    where = err.filename if err.filename is not None else "output"
+    """One line for an OSError: the file it names, and what to do."""
+    from cellp2p.fsutil import is_disk_full
+
+    where = next((f for f in (err.filename, err.filename2) if f is not None), "a file")
+    if is_disk_full(err):
+        return f"{where}: disk full ({err.strerror or err}); free space or choose another folder"
     what = _OS_ERROR_HINTS.get(err.errno) or f"{err.strerror or err}; check the path"
     return f"{where}: {what}"
 
@@ -53,6 +70,84 @@ def _os_error_line(err: OSError) -> str:
 @click.version_option(__version__, prog_name="cellp2p")
 def main() -> None:
     """U-Net and pix2pix for microscopy stacks: segment or translate TIFF stacks."""
+
+
+# -- options from the table --------------------------------------------------------------------
+
+Options = Callable[[], list[click.Parameter]]
+_TABLE = object()  # "the table's value" for table_option's overrides
+
+
+class TableCommand(click.Command):
+    """A command whose options are built on first use, listed under the TrainConfig groups.
+
+    The choice lists live in the modules that own them, and those import torch: building the
+    options only when this command runs or shows its help keeps ``cellp2p --help``, ``info``
+    and ``synth`` quick.
+    """
+
+    def __init__(self, *args: Any, options: Options, grouped: bool = False, **kwargs: Any) -> None:
+        self._pending: Options | None = options
+        self.grouped = grouped
+        super().__init__(*args, **kwargs)
+
+    @property  # type: ignore[override]
+    def params(self) -> list[click.Parameter]:
+        """The generated options, then the ones declared on the function."""
+        if self._pending is not None:
+            make, self._pending = self._pending, None
+            self._params = [*make(), *self._params]
+        return self._params
+
+    @params.setter
+    def params(self, value: list[click.Parameter]) -> None:
+        self._params = list(value)
+
+    def format_options(self, ctx: click.Context, formatter: click.HelpFormatter) -> None:
+        """With ``grouped``: one section per TrainConfig group (Data, Model, ...), then the rest."""
+        if not self.grouped:
+            return super().format_options(ctx, formatter)
+        from cellp2p.config import GROUPS
+
+        sections: dict[str, list[tuple[str, str]]] = {g: [] for g in (*GROUPS, "")}
+        for param in self.get_params(ctx):
+            record = param.get_help_record(ctx)
+            if record:
+                sections[getattr(param, "group", "")].append(record)
+        for group, rows in sections.items():
+            if rows:
+                with formatter.section(f"{group.capitalize()} options" if group else "Options"):
+                    formatter.write_dl(rows)
+
+
+def table_option(name: str, *, default: Any = _TABLE, help: str | None = None) -> click.Option:
+    """The click option of TrainConfig field ``name``: flag, type, default, choices and help from
+    its row; ``default`` and ``help`` replace the row's where a command means something else."""
+    from cellp2p.config import field_type, flag, table_field
+
+    f = table_field(name)
+    meta = f.metadata
+    default = f.default if default is _TABLE else default
+    kw: dict[str, Any] = {"default": default, "help": meta["help"] if help is None else help}
+    kind = field_type(f)
+    decl = flag(name)
+    if kind == "bool":
+        decl = f"{decl}/--no-{decl[2:]}" if default else decl
+        kw.update(is_flag=True, show_default=bool(default))
+    else:
+        kw["show_default"] = default is not None
+        if meta["choices"]:
+            kw["type"] = click.Choice([str(c) for c in meta["choices"]])
+            if kind == "int":  # as text, then "70" -> 70: click.Choice of ints needs click >= 8.2
+                kw["default"] = None if default is None else str(default)
+                kw["callback"] = lambda _ctx, _param, v: None if v is None else int(v)
+        else:
+            kw["type"] = (
+                click.Path() if meta["path"] else {"int": int, "float": float}.get(kind, str)
+            )
+    option = click.Option([decl], **kw)
+    option.group = meta["group"]  # type: ignore[attr-defined] # read by TableCommand's help
+    return option
 
 
 # -- info, synth, fetch ------------------------------------------------------------------------
@@ -70,18 +165,31 @@ def info(target: str) -> None:
     click.echo(info_fn(target))
 
 
-@main.command()
-@click.option(
-    "--kind",
-    type=click.Choice(["em", "nuclei"]),
-    default="em",
-    show_default=True,
-    help="EM membranes (binary labels, ISBI convention) or fluorescent nuclei "
-    "(16-bit, instance labels).",
-)
+def _synth_options() -> list[click.Parameter]:
+    """--kind from cellp2p.synth.KINDS (which imports scipy, so on first use)."""
+    from cellp2p.synth import KINDS
+
+    kind_help = (
+        "EM membranes (binary labels, ISBI convention) or fluorescent nuclei "
+        "(16-bit, instance labels)."
+    )
+    return [
+        click.Option(
+            ["--kind"],
+            type=click.Choice(KINDS),
+            default=KINDS[0],
+            show_default=True,
+            help=kind_help,
+        ),
+        click.Option(
+            ["--seed"], type=int, default=0, show_default=True, help="Seed of the synthetic data."
+        ),
+    ]
+
+
+@main.command(cls=TableCommand, options=_synth_options)
 @click.option("--slices", type=int, default=8, show_default=True, help="Number of slices (Z).")
 @click.option("--size", default="256", show_default=True, help="Slice size: N or HxW.")
-@click.option("--seed", type=int, default=0, show_default=True, help="Random seed.")
 @click.option(
     "--out",
     type=click.Path(path_type=Path),
@@ -118,216 +226,41 @@ def fetch(name: str, dest: Path, force: bool) -> None:
 
 # -- train -------------------------------------------------------------------------------------
 
-TRAIN_OPTIONS = [
-    click.option(
-        "--mode",
-        type=click.Choice(["unet", "pix2pix"]),
-        default="unet",
-        show_default=True,
-        help="U-Net baseline (supervised loss) or pix2pix cGAN (adversarial + λ·L1).",
-    ),
-    click.option(
-        "--volume", type=click.Path(path_type=Path), help="Input stack (TIFF/PNG/folder)."
-    ),
-    click.option(
-        "--labels",
-        type=click.Path(path_type=Path),
-        help="Target stack: labels (segment) or the second modality (translate).",
-    ),
-    click.option("--manifest", help="Data manifest name or JSON path (uses its split)."),
-    click.option(
-        "--data-dir",
-        type=click.Path(path_type=Path),
-        help="Where the manifest's files are (default: $CELLP2P_DATA).",
-    ),
-    click.option("--out", type=click.Path(path_type=Path), required=True, help="Run folder."),
-    click.option(
-        "--preset",
-        type=click.Choice(["small", "course", "paper"]),
-        default="small",
-        show_default=True,
-        help="Network size.",
-    ),
-    click.option(
-        "--task",
-        type=click.Choice(["segment", "translate"]),
-        default="segment",
-        show_default=True,
-        help="Labels as classes, or the target as an image.",
-    ),
-    click.option(
-        "--direction",
-        type=click.Choice(["AtoB", "BtoA"]),
-        default="AtoB",
-        show_default=True,
-        help="BtoA learns volume from labels (synthetic images).",
-    ),
-    click.option(
-        "--labels-mode",
-        type=click.Choice(["auto", "binary", "nonzero", "multiclass"]),
-        default="auto",
-        show_default=True,
-        help="How labels become classes: nonzero = foreground is label > 0.",
-    ),
-    click.option("--train-slices", help="Training slices, e.g. 0-24 or 0,2,4-9."),
-    click.option("--val-slices", help="Validation slices, e.g. 25-29."),
-    click.option("--max-steps", type=int, help="Number of optimizer steps."),
-    click.option("--epochs", type=int, help="Epochs (an epoch covers the training slices once)."),
-    click.option(
-        "--batch-size",
-        type=int,
-        default=4,
-        show_default=True,
-        help="Crops per step and process (under torchrun a step trains on W × this).",
-    ),
-    click.option("--crop", type=int, default=256, show_default=True, help="Training crop size."),
-    click.option("--lr", type=float, help="Learning rate [unet 1e-3, pix2pix 2e-4]."),
-    click.option(
-        "--lr-decay-start",
-        type=float,
-        default=0.5,
-        show_default=True,
-        help="Fraction of the run after which the lr decays linearly to 0.",
-    ),
-    click.option(
-        "--loss",
-        type=click.Choice(["bce", "dice", "bcedice", "l1", "l2"]),
-        help="U-Net loss [segment: bcedice, translate: l1].",
-    ),
-    click.option(
-        "--lambda-l1",
-        type=float,
-        default=100.0,
-        show_default=True,
-        help="pix2pix L1 weight (0: GAN only).",
-    ),
-    click.option(
-        "--lambda-gan",
-        type=float,
-        default=1.0,
-        show_default=True,
-        help="pix2pix adversarial weight (0: L1 only).",
-    ),
-    click.option(
-        "--gan-mode",
-        type=click.Choice(["vanilla", "lsgan", "hinge", "wgangp"]),
-        default="vanilla",
-        show_default=True,
-        help="Adversarial objective.",
-    ),
-    click.option("--unconditional", is_flag=True, help="D sees the output only (GAN, not cGAN)."),
-    click.option(
-        "--receptive-field",
-        type=click.Choice(["1", "16", "70", "286"]),
-        default="70",
-        show_default=True,
-        help="PatchGAN receptive field in pixels.",
-    ),
-    click.option(
-        "--upsample",
-        type=click.Choice(["transpose", "resize"]),
-        help="Decoder upsampling: transposed conv, or resize + conv (no checkerboard "
-        "artefacts) [the preset's: transpose, course U-Net resize].",
-    ),
-    click.option(
-        "--eval-every",
-        type=int,
-        default=100,
-        show_default=True,
-        help="Validate and checkpoint every N steps.",
-    ),
-    click.option("--best-metric", help="Validation metric for best.pt [dice_1 or psnr]."),
-    click.option(
-        "--augment/--no-augment",
-        default=True,
-        show_default=True,
-        help="Flips, 90° rotations, intensity jitter.",
-    ),
-    click.option("--elastic", is_flag=True, help="Elastic deformation (U-Net paper)."),
-    click.option("--jitter", is_flag=True, help="pix2pix resize-286/crop-256 jitter."),
-    click.option("--seed", type=int, default=0, show_default=True, help="Random seed."),
-    click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or mps."),
-    click.option(
-        "--precision",
-        type=click.Choice(["auto", "fp32", "bf16"]),
-        default="auto",
-        show_default=True,
-        help="auto: bf16 on CUDA, fp32 on CPU.",
-    ),
-    click.option("--deterministic", is_flag=True, help="Deterministic kernels where possible."),
-    click.option(
-        "--sync-bn",
-        is_flag=True,
-        help="Under torchrun on GPUs: BatchNorm statistics over all processes' crops.",
-    ),
-    click.option(
-        "--num-workers",
-        type=int,
-        default=0,
-        show_default=True,
-        help="Data-loading worker processes.",
-    ),
-    click.option(
-        "--resume", is_flag=True, help="Continue the run in --out from its last checkpoint."
-    ),
-    click.option("--quiet", is_flag=True, help="Plain log lines instead of progress bars."),
-    click.option(
-        "--config",
-        "config_file",
-        type=click.Path(path_type=Path),
-        help="JSON file of these options (flags override it).",
-    ),
-]
+
+def _train_options() -> list[click.Parameter]:
+    """Every command-line field of TrainConfig, in table order."""
+    from cellp2p.config import option_fields
+
+    return [table_option(f.name) for f in option_fields()]
 
 
-def _apply(options: list) -> Any:
-    def decorate(f: Any) -> Any:
-        for opt in reversed(options):
-            f = opt(f)
-        return f
+def _train_config(ctx: click.Context, params: dict[str, Any]) -> tuple[TrainConfig, dict[str, Any]]:
+    """Defaults < --config file < flags given on the command line; and those flags."""
+    from cellp2p.config import TrainConfig, option_fields, read_config_file
 
-    return decorate
-
-
-def _train_config(ctx: click.Context, params: dict[str, Any]) -> tuple[Any, dict[str, Any]]:
-    """Defaults < --config file < flags given on the command line."""
-    from cellp2p.config import TrainConfig
-
-    names = {f.name for f in fields(TrainConfig)}
-    values: dict[str, Any] = {}
-    config_file = params.get("config_file")
-    if config_file:
-        try:
-            loaded = json.loads(Path(config_file).read_text())
-        except FileNotFoundError:
-            raise CellP2PError(f"{config_file}: no such config file") from None
-        except (json.JSONDecodeError, UnicodeDecodeError) as err:
-            raise CellP2PError(f"{config_file}: not valid JSON ({err}); fix the file") from None
-        if not isinstance(loaded, dict):
-            raise CellP2PError(
-                f'{config_file}: must hold a JSON object of options, e.g. {{"crop": 256}}'
-            )
-        values.update(loaded)
-    explicit = {}
-    for key, value in params.items():
-        if key not in names:
-            continue
-        if key == "receptive_field":
-            value = int(value)
-        if isinstance(value, Path):
-            value = str(value)
-        if ctx.get_parameter_source(key) in (
-            ParameterSource.COMMANDLINE,
-            ParameterSource.ENVIRONMENT,
-        ):
-            explicit[key] = value
-        values.setdefault(key, value)
-    values.update(explicit)
-    return TrainConfig.from_dict(values, str(config_file or "options")), explicit
+    given = (ParameterSource.COMMANDLINE, ParameterSource.ENVIRONMENT)
+    explicit = {
+        f.name: params[f.name] for f in option_fields() if ctx.get_parameter_source(f.name) in given
+    }
+    path = params["config_file"]
+    values = {**(read_config_file(path) if path else {}), **explicit}
+    return TrainConfig.from_dict(values, str(path or "options")), explicit
 
 
-@main.command()
-@_apply(TRAIN_OPTIONS)
+@main.command(cls=TableCommand, options=_train_options, grouped=True)
+@click.option("--out", type=click.Path(path_type=Path), required=True, help="Run folder.")
+@click.option("--resume", is_flag=True, help="Continue the run in --out from its last checkpoint.")
+@click.option(
+    "--force",
+    is_flag=True,
+    help="Write the run into an existing folder that holds other files (none is changed).",
+)
+@click.option(
+    "--config",
+    "config_file",
+    type=click.Path(path_type=Path),
+    help="JSON file of these options (flags override it).",
+)
 @click.pass_context
 def train(ctx: click.Context, **params: Any) -> None:
     """Train a U-Net baseline or a pix2pix cGAN; writes a run folder to --out.
@@ -340,7 +273,18 @@ def train(ctx: click.Context, **params: Any) -> None:
     from cellp2p.train import train as train_fn
 
     cfg, explicit = _train_config(ctx, params)
-    record = train_fn(cfg, params["out"], resume=params["resume"], resume_overrides=explicit)
+    overrides = explicit
+    if params["resume"] and params["config_file"]:  # the file's options count on resume too
+        from cellp2p.config import read_config_file
+
+        overrides = {**read_config_file(params["config_file"]), **explicit}
+    record = train_fn(
+        cfg,
+        params["out"],
+        resume=params["resume"],
+        force=params["force"],
+        resume_overrides=overrides,
+    )
     shown = {k: round(v, 4) for k, v in record.items() if isinstance(v, float) and k != "time"}
     if is_main():  # under torchrun every process returns the record; say it once
         click.echo(f"done: {params['out']} step {record.get('step')} {json.dumps(shown)}")
@@ -348,21 +292,27 @@ def train(ctx: click.Context, **params: Any) -> None:
 
 # -- evaluate, compare, ablate -----------------------------------------------------------------
 
-_DATA_OPTIONS = [
-    click.option("--volume", type=click.Path(path_type=Path), help="Input stack (TIFF/folder)."),
-    click.option(
-        "--labels", type=click.Path(path_type=Path), help="Labels (or target images) stack."
-    ),
-    click.option("--manifest", help="Data manifest name or JSON path (uses its val split)."),
-    click.option(
-        "--data-dir",
-        type=click.Path(path_type=Path),
-        help="Where the manifest's files are (default: $CELLP2P_DATA).",
-    ),
-]
+_DATA_FIELDS = ("volume", "labels", "manifest", "data_dir")
 
 
-@main.command()
+def _evaluate_options() -> list[click.Parameter]:
+    """--task from the table, --kind from the segmentation outputs of cellp2p.outputs."""
+    from cellp2p.outputs import OUTPUTS
+
+    kinds = [o for o in OUTPUTS if o != "image"]  # what `predict --output` writes for segment
+    return [
+        table_option("task", help="Segmentation or image metrics."),
+        click.Option(
+            ["--kind"],
+            type=click.Choice(kinds),
+            default="auto",
+            show_default=True,
+            help="What a segmentation prediction holds (auto: guessed from its values).",
+        ),
+    ]
+
+
+@main.command(cls=TableCommand, options=_evaluate_options)
 @click.argument("pred", type=click.Path(path_type=Path))
 @click.option(
     "--labels",
@@ -371,33 +321,11 @@ _DATA_OPTIONS = [
     help="Ground truth: labels (segment) or target images (translate).",
 )
 @click.option("--slices", help="Label slices to score, e.g. 25-29 (default: all).")
-@click.option(
-    "--task",
-    type=click.Choice(["segment", "translate"]),
-    default="segment",
-    show_default=True,
-    help="Segmentation or image metrics.",
-)
-@click.option(
-    "--kind",
-    type=click.Choice(["auto", "prob", "mask", "labels"]),
-    default="auto",
-    show_default=True,
-    help="What a segmentation prediction holds (auto: guessed from its values).",
-)
 @click.option("--data-range", type=float, help="Translate: intensity range [target dtype range].")
 @click.option(
     "--json", "json_path", type=click.Path(path_type=Path), help="Write the metrics as JSON."
 )
-def evaluate(
-    pred: Path,
-    labels: Path,
-    slices: str | None,
-    task: str,
-    kind: str,
-    data_range: float | None,
-    json_path: Path | None,
-) -> None:
+def evaluate(pred: Path, labels: Path, json_path: Path | None, **params: Any) -> None:
     """Score a prediction stack PRED against --labels: a per-slice table and the mean.
 
     \b
@@ -407,23 +335,18 @@ def evaluate(
     """
     from cellp2p.evaluate import evaluate as evaluate_fn
 
-    evaluate_fn(
-        pred,
-        labels,
-        slices=slices,
-        task=task,
-        json_path=json_path,
-        kind=kind,
-        data_range=data_range,
-        echo=click.echo,
-    )
+    evaluate_fn(pred, labels, json_path=json_path, echo=click.echo, **params)
     if json_path:
         click.echo(f"wrote {json_path}")
 
 
-@main.command()
+def _compare_options() -> list[click.Parameter]:
+    """The data options and --device of the table."""
+    return [table_option(name) for name in (*_DATA_FIELDS, "device")]
+
+
+@main.command(cls=TableCommand, options=_compare_options)
 @click.argument("runs", nargs=-1, required=True, type=click.Path(path_type=Path))
-@_apply(_DATA_OPTIONS)
 @click.option("--slices", help="Held-out slices [manifest val split, else the runs' val slices].")
 @click.option("--out", type=click.Path(path_type=Path), required=True, help="Report folder.")
 @click.option(
@@ -439,7 +362,6 @@ def evaluate(
     show_default=True,
     help="Which weights to score (best.pt was chosen on the validation slices).",
 )
-@click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or mps.")
 def compare(runs: tuple[Path, ...], names: str | None, **params: Any) -> None:
     """Compare trained RUNS on the same held-out slices; writes report.md/.json/.html to --out.
 
@@ -451,46 +373,16 @@ def compare(runs: tuple[Path, ...], names: str | None, **params: Any) -> None:
     compare_fn(list(runs), names=names.split(",") if names else None, echo=click.echo, **params)
 
 
-@main.command()
-@_apply(_DATA_OPTIONS)
+def _ablate_options() -> list[click.Parameter]:
+    """The TrainConfig options ablate shares with train, with ablate's own defaults."""
+    from cellp2p.ablate import OPTIONS
+
+    return [table_option(name, **own) for name, own in OPTIONS.items()]
+
+
+@main.command(cls=TableCommand, options=_ablate_options, grouped=True)
 @click.option(
     "--out", type=click.Path(path_type=Path), required=True, help="Folder: runs/ and report."
-)
-@click.option("--max-steps", type=int, default=1000, show_default=True, help="Steps per run.")
-@click.option(
-    "--preset",
-    type=click.Choice(["small", "course", "paper"]),
-    default="small",
-    show_default=True,
-    help="Network size.",
-)
-@click.option("--crop", type=int, default=256, show_default=True, help="Training crop size.")
-@click.option("--batch-size", type=int, default=4, show_default=True, help="Crops per step.")
-@click.option("--seed", type=int, default=0, show_default=True, help="Random seed.")
-@click.option("--eval-every", type=int, help="Validate every N steps [max-steps / 10].")
-@click.option(
-    "--direction",
-    type=click.Choice(["AtoB", "BtoA"]),
-    default="AtoB",
-    show_default=True,
-    help="BtoA makes images from labels.",
-)
-@click.option(
-    "--task",
-    type=click.Choice(["segment", "translate"]),
-    help="[segment; translate for BtoA]",
-)
-@click.option(
-    "--gan-mode",
-    type=click.Choice(["vanilla", "lsgan", "hinge", "wgangp"]),
-    default="vanilla",
-    show_default=True,
-    help="Adversarial objective of the GAN variants.",
-)
-@click.option(
-    "--upsample",
-    type=click.Choice(["transpose", "resize"]),
-    help="Decoder upsampling of every variant [the preset's].",
 )
 @click.option("--variants", help="Comma-separated subset of unet,l1,gan,cgan,l1_gan,l1_cgan [all].")
 @click.option(
@@ -498,9 +390,14 @@ def compare(runs: tuple[Path, ...], names: str | None, **params: Any) -> None:
     type=click.Path(path_type=Path),
     help="Segmentation run on real images: segmentability of BtoA images.",
 )
-@click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or mps.")
-@click.option("--quiet", is_flag=True, help="Plain log lines instead of progress bars.")
-def ablate(variants: str | None, **params: Any) -> None:
+@click.option(
+    "--force",
+    is_flag=True,
+    help="Write into an existing folder that holds other files (none is changed).",
+)
+def ablate(
+    out: Path, variants: str | None, segmenter: Path | None, force: bool, **base: Any
+) -> None:
     """The pix2pix loss ablation: U-Net, L1, GAN, cGAN, L1+GAN, L1+cGAN on one data set.
 
     \b
@@ -510,13 +407,47 @@ def ablate(variants: str | None, **params: Any) -> None:
     """
     from cellp2p.ablate import ablate as ablate_fn
 
-    ablate_fn(variants=variants.split(",") if variants else None, echo=click.echo, **params)
+    chosen = variants.split(",") if variants else None
+    ablate_fn(base, out=out, variants=chosen, segmenter=segmenter, force=force, echo=click.echo)
 
 
 # -- predict -----------------------------------------------------------------------------------
 
 
-@main.command()
+def _predict_options() -> list[click.Parameter]:
+    """--output and --threshold from cellp2p.outputs, --tile from cellp2p.tiling, --device."""
+    from cellp2p.outputs import OUTPUTS, THRESHOLD
+    from cellp2p.tiling import DEFAULT_TILE, WHOLE_SLICE_MAX
+
+    output_help = (
+        "auto: prob for segmentation, image for translation. mask: uint8 0/255 (class values "
+        "for multiclass); labels: instance labels (connected components)."
+    )
+    tile_help = (
+        f"Tile size in pixels [default: whole slice up to {WHOLE_SLICE_MAX} px, else "
+        f"{DEFAULT_TILE} or the crop]."
+    )
+    return [
+        click.Option(
+            ["--output"],
+            type=click.Choice(OUTPUTS),
+            default="auto",
+            show_default=True,
+            help=output_help,
+        ),
+        click.Option(
+            ["--threshold"],
+            type=float,
+            default=THRESHOLD,
+            show_default=True,
+            help="Foreground probability for mask and labels.",
+        ),
+        click.Option(["--tile"], type=int, help=tile_help),
+        table_option("device"),
+    ]
+
+
+@main.command(cls=TableCommand, options=_predict_options)
 @click.argument("stacks", nargs=-1, required=True, type=click.Path(path_type=Path))
 @click.option(
     "--model",
@@ -532,33 +463,12 @@ def ablate(variants: str | None, **params: Any) -> None:
     help="Output .tif for one input, or a folder [default: NAME_pred.tif next to each input].",
 )
 @click.option(
-    "--output",
-    type=click.Choice(["auto", "prob", "mask", "labels", "image"]),
-    default="auto",
-    show_default=True,
-    help="auto: prob for segmentation, image for translation. mask: uint8 0/255 (class "
-    "values for multiclass); labels: instance labels (connected components).",
-)
-@click.option(
-    "--threshold",
-    type=float,
-    default=0.5,
-    show_default=True,
-    help="Foreground probability for mask and labels.",
-)
-@click.option(
-    "--tile",
-    type=int,
-    help="Tile size in pixels [default: whole slice up to 1024 px, else 512 or the crop].",
-)
-@click.option(
     "--overlap", type=float, default=0.25, show_default=True, help="Tile overlap fraction."
 )
 @click.option("--tta", is_flag=True, help="Average the 8 flips/90° rotations (8x slower).")
 @click.option(
     "--batch-size", type=int, default=4, show_default=True, help="Tiles or slices per forward."
 )
-@click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or mps.")
 @click.option("--force", is_flag=True, help="Overwrite existing outputs.")
 @click.option("--quiet", is_flag=True, help="No progress bars.")
 @click.option(
@@ -567,22 +477,7 @@ def ablate(variants: str | None, **params: Any) -> None:
     help="Keep Dropout layers active (pix2pix-style noise); batch norm stays in eval mode.",
 )
 @click.option("--slices", help="Predict only these slices, e.g. 25-29 or 0,2,4-9.")
-def predict(
-    stacks: tuple[Path, ...],
-    model: Path,
-    out: Path | None,
-    output: str,
-    threshold: float,
-    tile: int | None,
-    overlap: float,
-    tta: bool,
-    batch_size: int,
-    device: str,
-    force: bool,
-    quiet: bool,
-    test_time_dropout: bool,
-    slices: str | None,
-) -> None:
+def predict(stacks: tuple[Path, ...], model: Path, **params: Any) -> None:
     """Apply a trained run to STACK... (TIFF stacks, 2D images or folders of images).
 
     \b
@@ -591,23 +486,7 @@ def predict(
     """
     from cellp2p.predict import predict_stack
 
-    paths = predict_stack(
-        stacks,
-        model,
-        out=out,
-        output=output,
-        threshold=threshold,
-        tile=tile,
-        overlap=overlap,
-        tta=tta,
-        batch_size=batch_size,
-        device=device,
-        force=force,
-        quiet=quiet,
-        test_time_dropout=test_time_dropout,
-        slices=slices,
-    )
-    for path in paths:
+    for path in predict_stack(stacks, model, **params):
         click.echo(f"wrote {path}")
 
 
@@ -625,8 +504,15 @@ def predict(
 @click.option(
     "--manifest", help="Run on a real data set (e.g. isbi2012) instead of synthetic data."
 )
-@click.option("--steps", type=int, default=60, show_default=True, help="Training steps per model.")
-@click.option("--force", is_flag=True, help="Replace an earlier demo folder.")
+@click.option(
+    "--steps", type=int, default=DEMO_STEPS, show_default=True, help="Training steps per model."
+)
+@click.option(
+    "--force",
+    is_flag=True,
+    help="Replace an earlier demo's results, or write into a folder holding other files "
+    "(nothing of yours is deleted or changed).",
+)
 def demo(out: Path, manifest: str | None, steps: int, force: bool) -> None:
     """Run the whole tool end to end on synthetic data (or a manifest) and say where results are."""
     from cellp2p.demo import run_demo

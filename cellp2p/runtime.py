@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import contextlib
+import os
 import random
+import re
 
 import numpy as np
 import torch
@@ -15,10 +17,16 @@ DEVICES = ("auto", "cpu", "cuda", "mps")
 PRECISIONS = ("auto", "fp32", "bf16")
 
 
+def check_device(name: str) -> str:
+    """A device name cellp2p knows (auto, cpu, cuda, cuda:N, mps), without probing hardware."""
+    if name not in DEVICES and not re.fullmatch(r"cuda:\d+", str(name)):
+        raise CellP2PError(f"--device {name!r} unknown; use one of {', '.join(DEVICES)}")
+    return name
+
+
 def select_device(name: str = "auto") -> torch.device:
     """CUDA, then MPS, then CPU for ``auto``; an explicit device must exist."""
-    if name not in DEVICES and not name.startswith("cuda:"):
-        raise CellP2PError(f"--device {name!r} unknown; use one of {', '.join(DEVICES)}")
+    check_device(name)
     if name == "auto":
         if torch.cuda.is_available():
             return torch.device("cuda")
@@ -60,3 +68,45 @@ def seed_everything(seed: int, deterministic: bool = False) -> None:
     # Training crops have one size: cuDNN may time its kernels once and keep the fastest
     # (CUDA only; not measured here, no GPU; off for --deterministic, whose choice must not vary).
     torch.backends.cudnn.benchmark = not deterministic
+
+
+def memory_bytes(device: torch.device | None = None) -> int | None:
+    """Memory a run on ``device`` can use: free GPU memory on CUDA, else the host's available
+    memory (``MemAvailable``, else free pages from ``os.sysconf``); None when unknown."""
+    if device is not None and device.type == "cuda":
+        with contextlib.suppress(RuntimeError, AssertionError):
+            return int(torch.cuda.mem_get_info(device)[0])
+        return None
+    with contextlib.suppress(OSError, ValueError, StopIteration):
+        with open("/proc/meminfo") as fh:
+            line = next(ln for ln in fh if ln.startswith("MemAvailable:"))
+        return int(line.split()[1]) * 1024
+    with contextlib.suppress(OSError, ValueError, AttributeError):
+        return int(os.sysconf("SC_AVPHYS_PAGES")) * int(os.sysconf("SC_PAGE_SIZE"))
+    return None
+
+
+def check_batch_memory(
+    batch_size: int, crop: int, channels: int, features: int, device: torch.device
+) -> None:
+    """Refuse a batch that cannot fit, before any of it is drawn (not minutes of swapping later).
+
+    The estimate is a lower bound: each step holds at least the batch's input and target crops
+    (``channels``) and, forward and backward, the first layer's ``features`` maps, in float32.
+    """
+    need = batch_size * crop * crop * (channels + 2 * features) * 4
+    have = memory_bytes(device)
+    if have is not None and need > have:
+        raise CellP2PError(
+            f"--batch-size {batch_size} with --crop {crop}: a training step needs at least "
+            f"{_size(need)} but {_size(have)} is available on {device.type}; use a smaller "
+            "--batch-size or --crop"
+        )
+
+
+def _size(n: float) -> str:
+    """Bytes in words: 1.5 GB, 300 MB."""
+    for unit, scale in (("TB", 2**40), ("GB", 2**30), ("MB", 2**20)):
+        if n >= scale:
+            return f"{n / scale:.1f} {unit}"
+    return f"{n / 2**10:.0f} kB"

@@ -29,6 +29,7 @@ NORMS = ("batch", "instance", "none")
 ACTIVATIONS = ("relu", "leaky_relu", "none")
 DOWNS = ("maxpool", "conv", "none")
 UPS = ("transpose", "resize", "none")
+DECODER_UPS = UPS[:2]  # a decoder must upsample
 RESIZE_MODES = ("nearest", "bilinear")
 PADDINGS = ("same", "valid")
 
@@ -113,7 +114,7 @@ def make_up(
     max(3, k - 1)): an even one is padded one pixel more on one side and shifts the map by half a
     pixel at every decoder level. Valid padding keeps k, as its shape arithmetic assumes.
     """
-    check_choice("up", up, UPS[:2])
+    check_choice("up", up, DECODER_UPS)
     if up == "transpose":
         if kernel_size < 2 or kernel_size % 2:
             raise CellP2PError(f"transposed up-conv needs an even kernel >= 2, got {kernel_size}")

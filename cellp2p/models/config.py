@@ -35,7 +35,14 @@ from dataclasses import dataclass, fields
 from typing import Any
 
 from cellp2p.errors import CellP2PError
-from cellp2p.models.blocks import ACTIVATIONS, NORMS, PADDINGS, RESIZE_MODES, check_choice
+from cellp2p.models.blocks import (
+    ACTIVATIONS,
+    DECODER_UPS,
+    NORMS,
+    PADDINGS,
+    RESIZE_MODES,
+    check_choice,
+)
 
 PAD_MODES = ("reflect", "zeros")
 LAYOUTS = ("classic", "course")
@@ -88,7 +95,7 @@ class UNetConfig:
         check_choice("activation", self.activation, ACTIVATIONS)
         check_choice("decoder_activation", self.decoder_activation, ACTIVATIONS)
         check_choice("down", self.down, ("maxpool", "conv"))
-        check_choice("up", self.up, ("transpose", "resize"))
+        check_choice("up", self.up, DECODER_UPS)
         check_choice("resize_mode", self.resize_mode, RESIZE_MODES)
         check_choice("pad_mode", self.pad_mode, PAD_MODES)
         _probability("dropout", self.dropout)
@@ -126,7 +133,7 @@ class GeneratorConfig:
         check_choice("norm", self.norm, NORMS)
         check_choice("activation", self.activation, ACTIVATIONS)
         check_choice("decoder_activation", self.decoder_activation, ACTIVATIONS)
-        check_choice("up", self.up, ("transpose", "resize"))
+        check_choice("up", self.up, DECODER_UPS)
         check_choice("resize_mode", self.resize_mode, RESIZE_MODES)
         check_choice("final_activation", self.final_activation, FINAL_ACTIVATIONS)
         check_choice("pad_mode", self.pad_mode, PAD_MODES)

@@ -801,37 +801,24 @@ def worker_data(cfg: dict[str, Any]) -> dict[str, Any]:
 
 
 def worker_loop(cfg: dict[str, Any]) -> dict[str, Any]:
-    """The loop's per-step work, as ``train._loop`` does it, with 0 vs 1 DataLoader workers.
+    """The loop's per-step work through its own seams, with 0 vs 1 DataLoader workers.
 
-    Two loaders over the same StepBatches are drawn from alternately; each timed step is
-    ``next(loader)`` + ``torch.manual_seed`` + ``mode.step`` + the schedulers' step.
+    Two loaders (``train.make_loader``) over the same run are drawn from alternately; each timed
+    step is ``next(loader)`` + ``train.train_step`` (seed, ``mode.step``, the schedulers).
     """
-    import torch
+    import tempfile
 
-    from cellp2p.dataset import StepBatches
+    from cellp2p.train import TrainState, make_loader, train_step
 
     mode = project_mode(cfg["preset"])
     tc = train_config(cfg["preset"])
-    scheds = [torch.optim.lr_scheduler.LambdaLR(o, lambda s: 1.0) for o in mode.optims.values()]
     data = synthetic_pairs(4, SIZE)
-    iters = {}
-    for workers in (0, 1):
-        loader = torch.utils.data.DataLoader(
-            StepBatches(data, tc),
-            batch_size=None,
-            sampler=range(1, 10**6),
-            num_workers=workers,
-            persistent_workers=False,
-        )
-        iters[f"num_workers={workers}"] = iter(loader)
-    step = iter(range(1, 10**9))
+    state = TrainState(tc, Path(tempfile.mkdtemp()), mode, data, total=10**6)
+    iters = {f"num_workers={w}": iter(make_loader(state, 10**6, num_workers=w)) for w in (0, 1)}
 
     def one(it: Any) -> None:
         x, y = next(it)
-        torch.manual_seed(next(step))
-        mode.step(x, y)
-        for s in scheds:
-            s.step()
+        train_step(state, x, y)
 
     fns = {k: (lambda it=it: one(it)) for k, it in iters.items()}
     times = interleave(fns, cfg["warmup"], cfg["steps"])

@@ -1,7 +1,10 @@
-"""Checkpoints: everything needed to rebuild the networks and resume a run, loaded safely.
+"""Checkpoints: the payload that rebuilds the networks and resumes a run, written and loaded safely.
 
 A checkpoint is a plain dict of tensors and primitives, so ``torch.load(weights_only=True)``
-reads it and a file carrying a pickled object is refused before anything runs.
+reads it and a file carrying a pickled object is refused before anything runs. What a
+checkpoint holds is written by :func:`build_payload` and read back by :func:`restore` beside
+it; :func:`cellp2p.predictor.load_predictor` reads the same keys (mode, task, train_config,
+models, normalization, data, record).
 """
 
 from __future__ import annotations
@@ -9,27 +12,170 @@ from __future__ import annotations
 import contextlib
 import os
 import pickle
+import random
 import re
 import shutil
+import sys
 import warnings
 import zipfile
 from dataclasses import asdict
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
+import numpy as np
 import torch
 from torch import nn
 
 from cellp2p.errors import CellP2PError
 from cellp2p.models import model_from_config
+from cellp2p.modes import make_schedulers
+from cellp2p.rundir import best_checkpoint, last_checkpoint
+
+if TYPE_CHECKING:  # the loop's state; only read and set here
+    from cellp2p.train import TrainState
 
 FORMAT = "cellp2p-checkpoint"
 VERSION = 1
 
 
+# -- the payload: built and restored side by side ----------------------------------------------
+
+
+def build_payload(state: TrainState, record: dict[str, Any]) -> dict[str, Any]:
+    """Everything to predict with the run and to resume it exactly, at ``state.step``."""
+    cfg, data = state.cfg, state.data
+    return {
+        "mode": cfg.mode,
+        "task": cfg.task,
+        "train_config": asdict(cfg),
+        "models": {name: model_entry(net) for name, net in state.mode.nets.items()},
+        "optimizers": {k: o.state_dict() for k, o in state.mode.optims.items()},
+        "schedulers": {k: s.state_dict() for k, s in state.scheds.items()},
+        "scaler": None,
+        "normalization": {
+            "input": data.input_norm.to_dict(),
+            "target": data.target_norm.to_dict() if data.target_norm else None,
+        },
+        "data": {
+            "in_channels": data.in_channels,
+            "out_channels": data.out_channels,
+            "target_kind": data.target_kind,
+            "classes": data.classes,
+            "spacing": list(data.spacing) if data.spacing else None,
+            "crop": cfg.crop,
+        },
+        "step": state.step,
+        "total_steps": state.total,
+        "world_size": state.world.size,
+        "best": state.best,
+        "rng": rng_state(),
+        "versions": versions(state.device),
+        "record": record,
+    }
+
+
+def restore(state: TrainState, ckpt: dict[str, Any]) -> None:
+    """Put a loaded checkpoint back into ``state``: weights, optimizers, schedules, step, best,
+    and, last, every random generator state it saved (nothing may draw between the two).
+
+    A checkpoint that does not fit the networks built for this run is one CellP2PError naming
+    the file (before anything is written), never a size-mismatch or KeyError traceback.
+    """
+    path = ckpt.get("path", "checkpoint")
+    try:
+        _restore(state, ckpt)
+    except CellP2PError:
+        raise
+    except (KeyError, IndexError, RuntimeError, ValueError, TypeError) as err:
+        text = str(err.args[0]) if isinstance(err, KeyError) and err.args else str(err)
+        first = (text.splitlines() or [""])[0].strip() or type(err).__name__
+        raise CellP2PError(
+            f"{path}: does not fit the run being resumed ({first[:160]}); resume it with the "
+            "options it was trained with, or start a new run with another --out"
+        ) from None
+
+
+def _restore(state: TrainState, ckpt: dict[str, Any]) -> None:
+    """:func:`restore`'s work."""
+    for name, net in state.mode.nets.items():
+        if name not in ckpt["models"]:
+            raise KeyError(f"no {name} network in it (it holds {', '.join(ckpt['models'])})")
+        net.load_state_dict(build_from_entry(ckpt["models"][name], ckpt["path"]).state_dict())
+    for name, opt in state.mode.optims.items():
+        opt.load_state_dict(ckpt["optimizers"][name])
+    state.step, state.best = int(ckpt["step"]), ckpt.get("best")
+    # Rebuilt after the optimizers (torch reads their initial_lr) for this run's total steps,
+    # which --resume may have changed; then positioned where the saved ones were.
+    state.scheds = make_schedulers(
+        state.mode.optims, state.total, state.cfg.lr_decay_start, state.step
+    )
+    for name, sched in state.scheds.items():
+        sched.load_state_dict(ckpt["schedulers"][name])
+    set_rng_state(ckpt["rng"])
+
+
+def rng_state() -> dict[str, Any]:
+    """The python, numpy (global) and torch (CPU) generator states, as plain data."""
+    return {
+        "python": _listify(random.getstate()),
+        "numpy": _listify(np.random.get_state()),
+        "torch": torch.get_rng_state(),
+    }
+
+
+def set_rng_state(rng: dict[str, Any]) -> None:
+    """Restore what :func:`rng_state` saved."""
+    random.setstate(_tuple_state(rng["python"]))
+    kind, keys, pos, has_gauss, gauss = rng["numpy"]
+    np.random.set_state((kind, np.asarray(keys, dtype=np.uint32), pos, has_gauss, gauss))
+    torch.set_rng_state(torch.as_tensor(rng["torch"], dtype=torch.uint8).cpu())
+
+
+def _listify(state: Any) -> Any:
+    """Tuples and arrays as lists: what ``torch.load(weights_only=True)`` reads back."""
+    if isinstance(state, tuple | list):
+        return [_listify(s) for s in state]
+    if isinstance(state, np.ndarray):
+        return state.tolist()
+    return state
+
+
+def _tuple_state(state: Any) -> Any:
+    """Lists back to the nested tuples ``random.setstate`` wants."""
+    return tuple(_tuple_state(s) for s in state) if isinstance(state, list) else state
+
+
+def versions(device: torch.device) -> dict[str, str]:
+    """The versions that trained the run (in config.json and every checkpoint)."""
+    import monai
+
+    import cellp2p
+
+    return {
+        "cellp2p": cellp2p.__version__,
+        "torch": str(torch.__version__),
+        "monai": str(monai.__version__),
+        "numpy": str(np.__version__),
+        "python": sys.version.split()[0],
+        "device": str(device),
+    }
+
+
 def model_entry(model: nn.Module) -> dict[str, Any]:
     """The network's kind, hyper-parameters and weights."""
     return {"kind": model.kind, "config": asdict(model.config), "state": model.state_dict()}
+
+
+def write_checkpoints(state: TrainState, record: dict[str, Any], improved: bool) -> Path:
+    """``checkpoints/last.pt`` at every evaluation, and a copy as ``best.pt`` when it improved."""
+    payload = build_payload(state, record)
+    last = save_checkpoint(last_checkpoint(state.out), payload)
+    if improved:
+        copy_checkpoint(last, best_checkpoint(state.out), payload)
+    return last
+
+
+# -- writing and loading -----------------------------------------------------------------------
 
 
 def save_checkpoint(path: str | Path, payload: dict[str, Any]) -> Path:
@@ -50,22 +196,31 @@ def save_checkpoint(path: str | Path, payload: dict[str, Any]) -> Path:
     try:
         torch.save({"format": FORMAT, "version": VERSION, **payload}, tmp)
         os.replace(tmp, path)
-    except OSError as err:
-        from cellp2p.fsutil import write_failed
-
-        raise write_failed(path, err) from None
-    except RuntimeError as err:  # torch's zip writer reports a failed write as RuntimeError
-        if "write" not in str(err).lower():
-            raise
-        first = str(err).splitlines()[0][:120]
-        raise CellP2PError(
-            f"{path}: could not be written ({first}); nothing was saved: free some space "
-            "or choose another --out"
-        ) from None
+    # torch's zip writer reports a failed write (a full disk) as a RuntimeError whose text need
+    # not say "write" ("[enforce fail at inline_container.cc:672] . unexpected pos ..."); the
+    # payload is plain data, so any failure here is the file system's.
+    except (OSError, RuntimeError) as err:
+        raise _save_failed(path, err) from None
     finally:
         with contextlib.suppress(OSError):
             tmp.unlink(missing_ok=True)
     return path
+
+
+def _save_failed(path: Path, err: BaseException) -> CellP2PError:
+    """One line for a checkpoint that could not be written: the file, the cause, what is kept."""
+    from cellp2p.fsutil import free_bytes, is_disk_full
+
+    first = (getattr(err, "strerror", None) or str(err) or type(err).__name__).splitlines()[0]
+    free = free_bytes(path.parent)
+    full = is_disk_full(err) or (free is not None and free < 64 * 2**20)
+    where = "disk full" if full else "the disk may be full"
+    room = f", {free / 2**20:.1f} MB free" if free is not None else ""
+    kept = f"the previous {path.name} is intact" if path.exists() else "nothing was saved"
+    return CellP2PError(
+        f"{path}: could not be written ({first[:120]}; {where}{room}); {kept}: free some "
+        "space or choose another --out, then --resume"
+    )
 
 
 def _part_name(path: Path) -> Path:
@@ -131,7 +286,7 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
             ckpt = torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as err:
         text = " ".join(str(err).split())
-        found = re.search(r"unsupported (GLOBAL|global)\s+([^\s,]+)", text)
+        found = re.search(r"unsupported global:?\s+(?:GLOBAL\s+)?([^\s,]+)", text, re.I)
         if found is None:
             first = text.split(". ")[-1][:120] or type(err).__name__
             raise CellP2PError(
@@ -139,9 +294,9 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
                 "checkpoint: use another checkpoint (e.g. checkpoints/last.pt)"
             ) from None
         raise CellP2PError(
-            f"{path}: refused to load: it is not a plain-weights checkpoint (it carries the "
-            f"object {found.group(2).rstrip('.')!r}, code that would run on loading); only "
-            "load checkpoints written by cellp2p from sources you trust"
+            f"{path}: refused to load: it carries code (the pickled object "
+            f"{_global_name(found.group(1))!r}, which would run on loading), not plain "
+            "weights; only load checkpoints written by cellp2p from sources you trust"
         ) from None
     except Exception as err:  # damaged archives raise many types (KeyError, IndexError, ...)
         first = str(err).splitlines()[0] if str(err) else type(err).__name__
@@ -158,6 +313,12 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
         raise CellP2PError(f"{path}: written by a newer cellp2p (format {version}); upgrade")
     ckpt["path"] = str(path)
     return ckpt
+
+
+def _global_name(name: str) -> str:
+    """A pickled global as ``module.name`` (torch names builtins without their module)."""
+    name = name.rstrip(".")
+    return name if "." in name else f"builtins.{name}"
 
 
 def build_from_entry(entry: dict[str, Any], path: str | Path = "checkpoint") -> nn.Module:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import sys
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -16,7 +17,8 @@ from cellp2p import checks, distributed, io
 from cellp2p.config import MAX_CLASSES, TrainConfig
 from cellp2p.errors import CellP2PError
 from cellp2p.normalization import Normalization
-from cellp2p.slices import parse_slices
+from cellp2p.slices import format_ranges
+from cellp2p.sources import resolve_sources, split_slices
 
 
 @dataclass
@@ -37,44 +39,15 @@ class PairedData:
 
     @property
     def in_channels(self) -> int:
+        """Channels of the network input."""
         return self.train_x.shape[1]
 
     @property
     def out_channels(self) -> int:
+        """Channels of the network output: one per class for multiclass targets."""
         if self.target_kind == "multiclass":
             return len(self.classes)
         return self.train_y.shape[1]
-
-
-def _resolve_sources(cfg: TrainConfig) -> tuple[Path, Path, list[int] | None, list[int] | None]:
-    """Volume/labels paths and the manifest's split (None when the user gives files)."""
-    if cfg.manifest:
-        if cfg.volume or cfg.labels:
-            raise CellP2PError("give either --manifest or --volume/--labels, not both")
-        from cellp2p.manifests import load_manifest, resolve_files
-
-        manifest = load_manifest(cfg.manifest)
-        files = resolve_files(
-            manifest, Path(cfg.data_dir) if cfg.data_dir else None, roles=("volume", "labels")
-        )
-        split = manifest.split or {}
-        train = _as_ids(split.get("train"))
-        val = _as_ids(split.get("val"))
-        return files["volume"], files["labels"], train, val
-    if not cfg.volume or not cfg.labels:
-        raise CellP2PError(
-            "no training data: give --volume V.tif --labels L.tif, or --manifest NAME "
-            "(e.g. isbi2012), or try 'cellp2p synth --out DIR' for a synthetic pair"
-        )
-    return Path(cfg.volume), Path(cfg.labels), None, None
-
-
-def _as_ids(value: Any) -> list[int] | None:
-    if value is None:
-        return None
-    if isinstance(value, str):
-        return parse_slices(value, 10**9)
-    return [int(v) for v in value]
 
 
 def _target_kind(labels: np.ndarray, path: Path, cfg: TrainConfig) -> tuple[str, list[int]]:
@@ -99,53 +72,33 @@ def _target_kind(labels: np.ndarray, path: Path, cfg: TrainConfig) -> tuple[str,
 
 
 def load_data(cfg: TrainConfig, norms: dict[str, Any] | None = None) -> PairedData:
-    """Read, validate, split and normalise the training pair."""
-    vpath, lpath, split_train, split_val = _resolve_sources(cfg)
+    """Read, validate, split and normalise the training pair (``norms``: a checkpoint's)."""
+    src = resolve_sources(cfg.volume, cfg.labels, cfg.manifest, cfg.data_dir)
+    vpath, lpath = src.volume, src.labels
     volume = io.read_stack(vpath)
     labels = io.read_stack(lpath)
     checks.check_pair(volume.data.shape, labels.data.shape, vpath, lpath)
     checks.check_finite(volume.data, vpath)
     checks.check_finite(labels.data, lpath)
     n = volume.data.shape[0]
-    train_ids = parse_slices(cfg.train_slices, n) if cfg.train_slices else split_train
-    val_ids = parse_slices(cfg.val_slices, n) if cfg.val_slices else split_val
-    if train_ids is None:
-        # Without a split, hold out the last fifth (at least one slice) when there are several.
-        n_val = max(1, n // 5) if n > 1 else 0
-        train_ids = list(range(n - n_val))
-        val_ids = val_ids if val_ids is not None else list(range(n - n_val, n)) or train_ids
-    if val_ids is None:
-        rest = [i for i in range(n) if i not in set(train_ids)]
-        val_ids = rest or train_ids[-1:]
-    for ids, what in ((train_ids, "train"), (val_ids, "val")):
-        bad = [i for i in ids if not 0 <= i < n]
-        if bad:
-            raise CellP2PError(f"{vpath}: {what} slice {bad[0]} is out of range (0-{n - 1})")
-
+    train_ids, val_ids = split_slices(n, cfg.train_slices, cfg.val_slices, src.split, vpath)
+    check_overlap(cfg, train_ids, val_ids, vpath)
     kind, classes = _target_kind(labels.data, lpath, cfg)
-    if kind == "binary":
-        mode = "nonzero" if cfg.labels_mode == "nonzero" else "binary"
-        target = checks.binary_labels(labels.data, lpath, mode).astype(np.float32)[:, None]
-    elif kind == "multiclass":
-        lut = {v: i for i, v in enumerate(classes)}
-        target = np.vectorize(lut.__getitem__, otypes=[np.float32])(labels.data)[:, None]
-    else:
-        target = labels.data if labels.data.ndim == 4 else labels.data[:, None]
+    target = _target(labels.data, lpath, kind, classes, cfg)
     source = volume.data if volume.data.ndim == 4 else volume.data[:, None]
-
     if cfg.direction == "BtoA":
         if cfg.task != "translate":
             raise CellP2PError(
                 "--direction BtoA makes images from labels: use it with --task translate"
             )
         source, target = target, source
-    fit_ids = train_ids
     if norms:
         in_norm = Normalization.from_dict(norms["input"])
         t_norm = Normalization.from_dict(norms["target"]) if norms.get("target") else None
-    else:
-        in_norm = Normalization.fit(source[fit_ids], cfg.norm_method)
-        t_norm = Normalization.fit(target[fit_ids], cfg.norm_method) if kind == "image" else None
+    else:  # fitted on the training slices only
+        in_norm = Normalization.fit(source[train_ids], cfg.norm_method)
+        fit_target = kind == "image"
+        t_norm = Normalization.fit(target[train_ids], cfg.norm_method) if fit_target else None
     x = in_norm.apply(source)
     y = np.clip(t_norm.apply(target), 0.0, 1.0) if t_norm else target.astype(np.float32)
     H, W = x.shape[-2:]
@@ -167,6 +120,61 @@ def load_data(cfg: TrainConfig, norms: dict[str, Any] | None = None) -> PairedDa
         spacing=volume.spacing,
         sources={"volume": str(vpath), "labels": str(lpath)},
     )
+
+
+def check_overlap(cfg: TrainConfig, train_ids: list[int], val_ids: list[int], vpath: Path) -> None:
+    """Validation slices that are also training slices: an error when the user chose both
+    ranges (best.pt would be picked on training data), else a note (a stack too short to hold
+    any slice out validates on a training slice)."""
+    shared = sorted(set(train_ids) & set(val_ids))
+    if not shared:
+        return
+    if cfg.train_slices and cfg.val_slices:
+        raise CellP2PError(
+            f"--train-slices {cfg.train_slices} and --val-slices {cfg.val_slices} share slices "
+            f"{format_ranges(shared)}: validation (and best.pt) would be judged on training "
+            "data; give ranges that do not overlap, or leave --val-slices out"
+        )
+    if distributed.is_main():
+        print(
+            f"note: {vpath}: validating on slices {format_ranges(shared)}, which are also "
+            "training slices; the validation scores will flatter the model",
+            file=sys.stderr,
+        )
+
+
+def check_resumed_data(ckpt: dict[str, Any], data: PairedData, cfg: TrainConfig) -> None:
+    """The data a run resumes on must have the channels and classes its networks were built
+    for (a stack replaced on disk since, under the same name, is refused here)."""
+    saved = ckpt.get("data") or {}
+    now = {
+        "in_channels": data.in_channels,
+        "out_channels": data.out_channels,
+        "target_kind": data.target_kind,
+        "classes": list(data.classes),
+    }
+    diffs = [k for k, v in now.items() if k in saved and saved[k] != v]
+    if diffs:
+        k = diffs[0]
+        where = cfg.manifest or (cfg.labels if k != "in_channels" else cfg.volume)
+        raise CellP2PError(
+            f"{where}: now gives {k.replace('_', ' ')} {now[k]!r} but the run in "
+            f"{ckpt.get('path', 'the checkpoint')} was trained with {saved[k]!r}; resume on "
+            "the data it was trained on, or start a new run with another --out"
+        )
+
+
+def _target(
+    labels: np.ndarray, path: Path, kind: str, classes: list[int], cfg: TrainConfig
+) -> np.ndarray:
+    """The training target (N, C, Y, X): 0/1, class indices, or the image as it is."""
+    if kind == "binary":
+        mode = "nonzero" if cfg.labels_mode == "nonzero" else "binary"
+        return checks.binary_labels(labels, path, mode).astype(np.float32)[:, None]
+    if kind == "multiclass":
+        lut = {v: i for i, v in enumerate(classes)}
+        return np.vectorize(lut.__getitem__, otypes=[np.float32])(labels)[:, None]
+    return labels if labels.ndim == 4 else labels[:, None]
 
 
 def make_augment(cfg: TrainConfig, target_kind: str) -> Callable[[dict], dict]:

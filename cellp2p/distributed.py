@@ -43,14 +43,17 @@ def env_world_size() -> int:
 
 
 def env_rank() -> int:
+    """This process's rank, as torchrun announces it (0 without torchrun)."""
     return _env_int("RANK", 0)
 
 
 def env_local_rank() -> int:
+    """This process's rank on its node (which GPU it takes), 0 without torchrun."""
     return _env_int("LOCAL_RANK", 0)
 
 
 def _env_int(name: str, default: int) -> int:
+    """An integer environment variable, ``default`` when unset or empty."""
     value = os.environ.get(name, "").strip()
     if not value:
         return default
@@ -61,6 +64,7 @@ def _env_int(name: str, default: int) -> int:
 
 
 def _initialized() -> bool:
+    """Whether a torch.distributed process group is running."""
     return torch.distributed.is_available() and torch.distributed.is_initialized()
 
 
@@ -70,6 +74,7 @@ def world_size() -> int:
 
 
 def rank() -> int:
+    """This process's rank in the running group, else what the environment announces."""
     return torch.distributed.get_rank() if _initialized() else env_rank()
 
 
@@ -106,9 +111,11 @@ class World:
 
     @property
     def is_main(self) -> bool:
+        """Whether this is rank 0, the process that validates and writes."""
         return self.rank == 0
 
     def barrier(self) -> None:
+        """Wait until every process is here (on the control group)."""
         if self.size > 1:
             torch.distributed.barrier(group=self.control)
 

@@ -1,7 +1,10 @@
-"""The two training modes: each builds its networks and optimisers and supplies one step.
+"""The two training modes, each its networks, optimisers and one step; and the LR schedule.
 
 ``UNetMode``: the baseline, a U-Net with a supervised loss. ``Pix2PixMode``: U-Net generator +
-PatchGAN, a D step then a G step with D frozen (Isola et al. 2017).
+PatchGAN, a D step then a G step with D frozen (Isola et al. 2017), split as the reference code
+splits it: ``forward``, then ``optimize_d`` (``backward_d``), then ``optimize_g``
+(``backward_g``). A step returns a dict of detached loss tensors; the loop
+(:mod:`cellp2p.train`) owns seeding, data, schedules and logging.
 """
 
 from __future__ import annotations
@@ -15,7 +18,6 @@ from cellp2p.config import MODES, TrainConfig
 from cellp2p.dataset import PairedData
 from cellp2p.errors import CellP2PError
 from cellp2p.losses import (
-    GAN_MODES,
     discriminator_loss,
     generator_adv_loss,
     gradient_penalty,
@@ -37,8 +39,11 @@ class Mode:
     nets: dict[str, nn.Module]
     train_nets: dict[str, nn.Module]
     optims: dict[str, torch.optim.Optimizer]
+    kind: str  # the target kind: binary | multiclass | image
+    precision: str  # fp32 | bf16 (autocast)
 
     def step(self, x: torch.Tensor, y: torch.Tensor) -> dict[str, torch.Tensor]:
+        """One optimisation step on a batch of [0, 1] inputs and targets; the detached losses."""
         raise NotImplementedError
 
     def predict(self, x: torch.Tensor) -> torch.Tensor:
@@ -47,6 +52,7 @@ class Mode:
 
     @property
     def main(self) -> nn.Module:
+        """The network that predicts (the U-Net, or pix2pix's generator)."""
         return next(iter(self.nets.values()))
 
 
@@ -72,15 +78,13 @@ class UNetMode(Mode):
         net = build_model("unet", cfg.preset, data.in_channels, data.out_channels, **overrides)
         self.nets = {"unet": net.to(device)}
         self.train_nets = self.nets
-        loss_name = cfg.loss or ("bcedice" if self.kind != "image" else "l1")
-        self.loss = supervised_loss(
-            loss_name, len(data.classes) if self.kind == "multiclass" else 2
-        )
-        lr = cfg.lr if cfg.lr is not None else 1e-3
-        self.optims = {"unet": make_adam(net, device, lr=lr)}
+        n_classes = len(data.classes) if self.kind == "multiclass" else 2
+        self.loss = supervised_loss(cfg.loss_name(), n_classes)
+        self.optims = {"unet": make_adam(net, device, lr=cfg.learning_rate())}
         self.device, self.precision = device, precision
 
     def step(self, x: torch.Tensor, y: torch.Tensor) -> dict[str, torch.Tensor]:
+        """The supervised loss on the target crop the U-Net output covers, one Adam step."""
         net, opt = self.train_nets["unet"], self.optims["unet"]
         opt.zero_grad(set_to_none=True)
         with autocast(self.device, self.precision):
@@ -92,13 +96,14 @@ class UNetMode(Mode):
 
 
 class Pix2PixMode(Mode):
-    """pix2pix: U-Net generator + PatchGAN, adversarial + λ·L1 (Isola et al. 2017)."""
+    """pix2pix: U-Net generator + PatchGAN, adversarial + λ·L1 (Isola et al. 2017).
+
+    Under DDP the ``train_nets`` are wrappers whose backward averages the gradients over ranks;
+    G's step calls the plain D: D is frozen there, so no gradient of D's is due and D's wrapper
+    must not wait for one.
+    """
 
     def __init__(self, cfg: TrainConfig, data: PairedData, device: torch.device, precision: str):
-        if cfg.gan_mode not in GAN_MODES:
-            raise CellP2PError(
-                f"--gan-mode {cfg.gan_mode!r} unknown; use one of {', '.join(GAN_MODES)}"
-            )
         if data.target_kind == "multiclass":
             raise CellP2PError(
                 "pix2pix learns the label map as an image: use --labels-mode binary/nonzero, "
@@ -117,7 +122,7 @@ class Pix2PixMode(Mode):
         )
         self.nets = {"generator": g.to(device), "discriminator": d.to(device)}
         self.train_nets = self.nets
-        lr = cfg.lr if cfg.lr is not None else 2e-4
+        lr = cfg.learning_rate()
         betas = (0.5, 0.999)
         self.use_gan = cfg.lambda_gan > 0
         self.optims = {"generator": make_adam(g, device, lr=lr, betas=betas)}
@@ -128,6 +133,7 @@ class Pix2PixMode(Mode):
         self.space = output_space(g)  # sigmoid generators (course) work in [0, 1], tanh in [-1, 1]
 
     def _d_input(self, x: torch.Tensor, img: torch.Tensor) -> torch.Tensor:
+        """What D judges: the image, with the input beside it unless D is unconditional."""
         return (
             img
             if self.cfg.unconditional
@@ -135,38 +141,64 @@ class Pix2PixMode(Mode):
         )
 
     def step(self, x: torch.Tensor, y: torch.Tensor) -> dict[str, torch.Tensor]:
-        # Under DDP g and d are wrappers whose backward averages the gradients over ranks. G's
-        # step calls the plain D (``d_plain``): D is frozen there, so no gradient of D's is due
-        # and D's wrapper must not wait for one.
-        g, d = self.train_nets["generator"], self.train_nets["discriminator"]
-        d_plain = self.nets["discriminator"]
-        og, od = self.optims["generator"], self.optims.get("discriminator")
-        cfg = self.cfg
+        """One pix2pix step: G's forward, then D's step on the detached fake, then G's step."""
+        x, y, fake = self.forward(x, y)
+        logs: dict[str, torch.Tensor] = {}
+        if self.use_gan:
+            logs["loss_d"] = self.optimize_d(x, y, fake)
+        logs.update(self.optimize_g(x, y, fake))
+        return logs
+
+    def forward(
+        self, x: torch.Tensor, y: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Input and target in the networks' ranges, the target cropped to G's output, and G(x)."""
         x = to_model_range(x)
         y = target_in_space(y, self.space)
-        logs: dict[str, torch.Tensor] = {}
         with autocast(self.device, self.precision):
-            fake = g(x)
-        y = center_crop(y, *fake.shape[-2:])
-        if self.use_gan:
-            # D first, on the detached fake; its objective halved as in the paper.
-            d_plain.requires_grad_(True)
-            od.zero_grad(set_to_none=True)
-            with autocast(self.device, self.precision):
-                real_pair, fake_pair = self._d_input(x, y), self._d_input(x, fake.detach())
-                loss_d = 0.5 * discriminator_loss(
-                    cfg.gan_mode, d(real_pair).float(), d(fake_pair).float()
-                )
-            if cfg.gan_mode == "wgangp":
-                loss_d = loss_d + 10.0 * gradient_penalty(d, real_pair.float(), fake_pair.float())
-            loss_d.backward()
-            od.step()
-            logs["loss_d"] = loss_d.detach()
-            d_plain.requires_grad_(False)  # G's step must not move D
+            fake = self.train_nets["generator"](x)
+        return x, center_crop(y, *fake.shape[-2:]), fake
+
+    def optimize_d(self, x: torch.Tensor, y: torch.Tensor, fake: torch.Tensor) -> torch.Tensor:
+        """D's step on a real and the detached fake pair; D is trainable only here."""
+        d_plain, od = self.nets["discriminator"], self.optims["discriminator"]
+        d_plain.requires_grad_(True)
+        od.zero_grad(set_to_none=True)
+        loss_d = self.backward_d(x, y, fake)
+        od.step()
+        d_plain.requires_grad_(False)  # G's step must not move D
+        return loss_d
+
+    def backward_d(self, x: torch.Tensor, y: torch.Tensor, fake: torch.Tensor) -> torch.Tensor:
+        """D's loss, halved as in the paper (+ the gradient penalty for WGAN-GP), backward."""
+        d, gan_mode = self.train_nets["discriminator"], self.cfg.gan_mode
+        with autocast(self.device, self.precision):
+            real_pair, fake_pair = self._d_input(x, y), self._d_input(x, fake.detach())
+            loss_d = 0.5 * discriminator_loss(gan_mode, d(real_pair).float(), d(fake_pair).float())
+        if gan_mode == "wgangp":
+            loss_d = loss_d + 10.0 * gradient_penalty(d, real_pair.float(), fake_pair.float())
+        loss_d.backward()
+        return loss_d.detach()
+
+    def optimize_g(
+        self, x: torch.Tensor, y: torch.Tensor, fake: torch.Tensor
+    ) -> dict[str, torch.Tensor]:
+        """G's step against the frozen D: its loss terms, backward, then Adam."""
+        og = self.optims["generator"]
         og.zero_grad(set_to_none=True)
+        logs = self.backward_g(x, y, fake)
+        og.step()
+        return logs
+
+    def backward_g(
+        self, x: torch.Tensor, y: torch.Tensor, fake: torch.Tensor
+    ) -> dict[str, torch.Tensor]:
+        """G's loss, λ_gan · adversarial + λ_L1 · L1, backward; returns its terms."""
+        cfg, logs = self.cfg, dict[str, torch.Tensor]()
         with autocast(self.device, self.precision):
             total = torch.zeros((), device=x.device)
             if self.use_gan:
+                d_plain = self.nets["discriminator"]
                 adv = generator_adv_loss(cfg.gan_mode, d_plain(self._d_input(x, fake)).float())
                 total = total + cfg.lambda_gan * adv
                 logs["loss_g_gan"] = adv.detach()
@@ -175,14 +207,41 @@ class Pix2PixMode(Mode):
                 total = total + cfg.lambda_l1 * l1
                 logs["loss_g_l1"] = l1.detach()
         total.backward()
-        og.step()
         logs["loss_g"] = total.detach()
         return logs
 
 
 def make_mode(cfg: TrainConfig, data: PairedData, device: torch.device, precision: str) -> Mode:
+    """The mode ``--mode`` names, its networks on ``device``."""
     if cfg.mode == "unet":
         return UNetMode(cfg, data, device, precision)
     if cfg.mode == "pix2pix":
         return Pix2PixMode(cfg, data, device, precision)
     raise CellP2PError(f"--mode {cfg.mode!r} unknown; use one of {', '.join(MODES)}")
+
+
+# -- the learning-rate schedule ----------------------------------------------------------------
+
+
+def lr_factor(step: int, total: int, decay_start: float) -> float:
+    """Constant, then linear decay to 0 over the last ``1 - decay_start`` of the steps."""
+    start = int(total * decay_start)
+    if step < start or total <= start:
+        return 1.0
+    return max(0.0, 1.0 - (step - start) / (total - start))
+
+
+def make_schedulers(
+    optims: dict[str, torch.optim.Optimizer], total: int, decay_start: float, step: int = 0
+) -> dict[str, torch.optim.lr_scheduler.LambdaLR]:
+    """One :func:`lr_factor` schedule per optimizer, positioned after ``step`` steps.
+
+    For ``step`` > 0 the optimizers must hold their restored state (torch reads the
+    ``initial_lr`` it stored there); the rates are set for the schedule of ``total`` steps.
+    """
+    return {
+        k: torch.optim.lr_scheduler.LambdaLR(
+            o, lambda s: lr_factor(s, total, decay_start), last_epoch=step - 1
+        )
+        for k, o in optims.items()
+    }

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import operator
 import re
 from collections.abc import Sequence
+
+import numpy as np
 
 from cellp2p.errors import CellP2PError
 
@@ -20,8 +23,11 @@ def expand(
     ``"0-99999999999"`` is refused at once instead of filling memory. Raises ValueError.
     """
     if not isinstance(spec, str):
-        items = list(spec)
-        if not all(isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in items):
+        try:  # any integer type (numpy's too), but not bools or floats
+            items = [operator.index(i) for i in spec if not isinstance(i, bool | np.bool_)]
+        except TypeError:
+            items = [-1]
+        if len(items) != len(list(spec)) or any(i < 0 for i in items):
             raise ValueError(f"{where}: list must hold non-negative integers")
         if items and max(items) >= limit:
             raise ValueError(f"{where}: slice {max(items)} is beyond the {limit} slices")

@@ -1,8 +1,10 @@
 """One training loop for both modes: the U-Net baseline and the pix2pix cGAN.
 
-Each mode supplies a step function returning a dict of floats; the loop owns data, logging,
-validation, checkpoints and resume. Randomness is derived from ``(seed, step)``, so a resumed
-run draws exactly the batches and dropout masks the uninterrupted run would have.
+:func:`train` sets a run up into a :class:`TrainState` (a fresh one, or one restored from
+``checkpoints/last.pt``) and runs the loop; each mode (:mod:`cellp2p.modes`) supplies its step.
+At every evaluation rank 0 validates, then records, checkpoints and draws, in that order.
+Randomness is derived from ``(seed, step)``, so a resumed run draws exactly the batches and
+dropout masks the uninterrupted run would have, and the global generators are restored too.
 
 Under torchrun (``WORLD_SIZE`` > 1) the same loop runs in every process with the trained
 networks wrapped in DistributedDataParallel: step s's global batch of ``W × --batch-size``
@@ -14,90 +16,82 @@ while the others wait (see :mod:`cellp2p.distributed`).
 from __future__ import annotations
 
 import contextlib
-import json
-import os
-import random
 import signal
 import sys
+import threading
 import time
-from collections.abc import Callable
-from dataclasses import asdict
+from collections.abc import Callable, Iterator
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 import torch
 
-import cellp2p
 from cellp2p import distributed
-from cellp2p.checkpoint import (
-    build_from_entry,
-    copy_checkpoint,
-    load_checkpoint,
-    model_entry,
-    save_checkpoint,
+from cellp2p.checkpoint import load_checkpoint, restore, versions, write_checkpoints
+from cellp2p.config import TrainConfig, resumed_config
+from cellp2p.dataset import (
+    PairedData,
+    StepBatches,
+    check_resumed_data,
+    load_data,
+    steps_per_epoch,
+    total_steps,
 )
-from cellp2p.config import TrainConfig, check_config, default_best_metric
-from cellp2p.dataset import PairedData, StepBatches, load_data, steps_per_epoch, total_steps
 from cellp2p.errors import CellP2PError
 from cellp2p.figures import plot_curves, save_panel
-from cellp2p.fsutil import check_folder_writable
+from cellp2p.fsutil import check_claim, claim_folder
 from cellp2p.models.blocks import center_crop
-from cellp2p.modes import Mode, make_mode
-from cellp2p.rundir import RunLock, _read_records
-from cellp2p.runtime import resolve_precision, seed_everything
+from cellp2p.modes import Mode, lr_factor, make_mode, make_schedulers, model_overrides
+from cellp2p.rundir import (
+    CURVE,
+    RUN_OUTPUTS,
+    RunLock,
+    append_record,
+    last_checkpoint,
+    sample_path,
+    truncate_records,
+    write_config,
+)
+from cellp2p.runtime import check_batch_memory, resolve_precision, seed_everything
 from cellp2p.scoring import is_improvement, score_outputs
 from cellp2p.tiling import forward_full
 
-# -- data ------------------------------------------------------------------------------------
+__all__ = ["TrainConfig", "TrainState", "lr_factor", "make_loader", "train", "train_step"]
+
+T = TypeVar("T")
 
 
-# -- the two modes -----------------------------------------------------------------------------
+@dataclass
+class TrainState:
+    """What the loop reads and changes; :mod:`cellp2p.checkpoint` saves and restores it."""
+
+    cfg: TrainConfig
+    out: Path
+    mode: Mode
+    data: PairedData
+    total: int  # steps of the whole run (the schedule's length)
+    world: distributed.World = field(default_factory=distributed.World)
+    step: int = 0  # steps done
+    best: dict[str, Any] | None = None  # {"metric", "value", "step"} of the best evaluation
+    records: list[dict[str, Any]] = field(default_factory=list)  # metrics.jsonl so far (rank 0)
+    best_metric: str = field(init=False)  # --best-metric, or the task's default
+    scheds: dict[str, torch.optim.lr_scheduler.LambdaLR] = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.best_metric = self.cfg.best_metric_name()
+        self.scheds = make_schedulers(
+            self.mode.optims, self.total, self.cfg.lr_decay_start, self.step
+        )
+
+    @property
+    def device(self) -> torch.device:
+        """The device this process trains on."""
+        return self.world.device
 
 
-# -- validation, records -----------------------------------------------------------------------
-
-
-def validate_run(mode: Mode, data: PairedData, device: torch.device) -> tuple[dict, np.ndarray]:
-    """Metrics on whole held-out slices (not crops), and the predictions in [0, 1]."""
-    preds = []
-    net = mode.main
-    was_training = net.training
-    for m in mode.nets.values():
-        m.eval()
-    with torch.inference_mode():
-        for x in data.val_x:
-            xt = torch.from_numpy(x[None]).to(device)
-            preds.append(forward_full(mode.predict, net, xt)[0].cpu().numpy())
-    if was_training:
-        for m in mode.nets.values():
-            m.train()
-    pred = np.stack(preds)
-    return score_outputs(pred, data.val_y, data.target_kind, data.classes), pred
-
-
-def versions(device: torch.device) -> dict[str, str]:
-    import monai
-
-    return {
-        "cellp2p": cellp2p.__version__,
-        "torch": str(torch.__version__),
-        "monai": str(monai.__version__),
-        "numpy": str(np.__version__),
-        "python": sys.version.split()[0],
-        "device": str(device),
-    }
-
-
-# -- the loop ----------------------------------------------------------------------------------
-
-
-def lr_factor(step: int, total: int, decay_start: float) -> float:
-    """Constant, then linear decay to 0 over the last ``1 - decay_start`` of the steps."""
-    start = int(total * decay_start)
-    if step < start or total <= start:
-        return 1.0
-    return max(0.0, 1.0 - (step - start) / (total - start))
+# -- set-up ------------------------------------------------------------------------------------
 
 
 def train(
@@ -105,115 +99,127 @@ def train(
     out: str | Path,
     *,
     resume: bool = False,
+    force: bool = False,
     resume_overrides: dict[str, Any] | None = None,
     stop_after: int | None = None,
     progress: Callable[..., Any] | None = None,
 ) -> dict[str, Any]:
     """Train a run into ``out``; returns the final metrics record.
 
-    ``resume`` continues the run in ``out`` with its saved config, changed only by
-    ``resume_overrides`` (e.g. a larger ``max_steps``). ``stop_after`` ends the run early at
-    that step (as an interruption would), keeping the schedule of the full run.
+    ``out`` must be new, empty or a run folder; ``force`` writes the run into a folder holding
+    other files (never over them: an entry named like a run output is refused). ``resume``
+    continues the run in ``out`` with its saved config, changed only by ``resume_overrides``
+    (e.g. a larger ``max_steps``; ones that change the networks or their data are refused).
+    ``stop_after`` ends the run early at that step (as an interruption would), keeping the
+    schedule of the full run. ``progress`` is called with each record (rank 0).
     """
     out = Path(out)
-    ckpt_dir = out / "checkpoints"
-    ckpt = None
-    if resume:
-        if not (ckpt_dir / "last.pt").is_file():
-            raise CellP2PError(
-                f"{out}: --resume needs {ckpt_dir / 'last.pt'}, which does not exist; "
-                "start without --resume or point --out at an earlier run"
-            )
-        ckpt = load_checkpoint(ckpt_dir / "last.pt")
-        saved = TrainConfig.from_dict(ckpt["train_config"], str(ckpt_dir / "last.pt"))
-        cfg = TrainConfig.from_dict({**asdict(saved), **(resume_overrides or {})}, "--resume")
-    check_config(cfg)
-    check_folder_writable(out)
-    if not resume and ckpt_dir.joinpath("last.pt").exists():
+    ckpt = _resume_checkpoint(out) if resume else None
+    if ckpt is not None:
+        cfg = resumed_config(ckpt["train_config"], resume_overrides or {}, ckpt["path"])
+    cfg.validate()
+    check_claim(out, "run", force, RUN_OUTPUTS)
+    if not resume and last_checkpoint(out).exists():
         raise CellP2PError(
             f"{out}: already holds a run; pass --resume to continue it or choose another --out"
         )
     world = distributed.setup(cfg.device)  # under torchrun: joins the group (kept until exit)
-    return _train(cfg, out, ckpt, world, stop_after, progress)
+    with contextlib.ExitStack() as stack:  # holds the run folder's lock until the end
+        # A failure in one process must stop them all, not leave them waiting for it.
+        state = _agreed(world, "set-up", lambda: _set_up(cfg, out, ckpt, world, stack, force))
+        if world.size > 1:
+            _wrap_for_ddp(state.mode, world, cfg)
+        return run(state, stop_after=stop_after, progress=progress)
 
 
-def _train(
+def _resume_checkpoint(out: Path) -> dict[str, Any]:
+    """The run's last checkpoint, which ``--resume`` needs."""
+    path = last_checkpoint(out)
+    if not path.is_file():
+        raise CellP2PError(
+            f"{out}: --resume needs {path}, which does not exist; "
+            "start without --resume or point --out at an earlier run"
+        )
+    ckpt = load_checkpoint(path)
+    if not isinstance(ckpt.get("train_config"), dict):
+        raise CellP2PError(f"{path}: holds no training options; it cannot be resumed")
+    return ckpt
+
+
+def _set_up(
     cfg: TrainConfig,
     out: Path,
     ckpt: dict[str, Any] | None,
     world: distributed.World,
-    stop_after: int | None,
-    progress: Callable[..., Any] | None,
-) -> dict[str, Any]:
-    with contextlib.ExitStack() as stack:
-        try:  # a failure in one process must stop them all, not leave them waiting for it
-            device = world.device
-            precision = resolve_precision(cfg.precision, device)
-            if cfg.sync_bn and world.size > 1 and device.type != "cuda":
-                raise CellP2PError(
-                    "--sync-bn: torch's SyncBatchNorm runs on CUDA GPUs only; on the CPU leave "
-                    "it off (each process then normalises with the statistics of its own crops)"
-                )
-            seed_everything(cfg.seed, cfg.deterministic)
-            data = load_data(cfg, ckpt["normalization"] if ckpt else None)
-            mode = make_mode(cfg, data, device, precision)
-            steps = total_steps(cfg, data, world.size)
-            best_metric = cfg.best_metric or default_best_metric(cfg, data.target_kind)
-            start, best, records = 0, None, []
-            if ckpt:
-                for name, net in mode.nets.items():
-                    entry = ckpt["models"][name]
-                    net.load_state_dict(build_from_entry(entry, ckpt["path"]).state_dict())
-                for name, opt in mode.optims.items():
-                    opt.load_state_dict(ckpt["optimizers"][name])
-                start, best = int(ckpt["step"]), ckpt.get("best")
-                random.setstate(_tuple_state(ckpt["rng"]["python"]))
-            scheds = {
-                k: torch.optim.lr_scheduler.LambdaLR(
-                    o, lambda s: lr_factor(s, steps, cfg.lr_decay_start), last_epoch=start - 1
-                )
-                for k, o in mode.optims.items()
-            }
-            if ckpt:
-                for k, s in scheds.items():
-                    s.load_state_dict(ckpt["schedulers"][k])
-            for net in mode.nets.values():
-                net.train()
-            if world.is_main:  # rank 0 alone writes the run folder
-                out.mkdir(parents=True, exist_ok=True)
-                stack.enter_context(RunLock(out))
-                if ckpt:
-                    records = _read_records(out / "metrics.jsonl", start)
-                    _note_world_change(ckpt, world.size, cfg)
-                meta = {**asdict(cfg), "total_steps": steps, "best_metric": best_metric}
-                meta.update(versions=versions(device), precision=precision)
-                meta.update(world_size=world.size, global_batch_size=cfg.batch_size * world.size)
-                meta.update(
-                    data={**data.sources, "target_kind": data.target_kind, "classes": data.classes}
-                )
-                _write_json(out / "config.json", meta)
-        except Exception:
-            world.agree(False, "set-up")
-            raise
-        world.agree(True, "set-up")
-        if world.size > 1:
-            _wrap_for_ddp(mode, world, cfg)
-        return _loop(
-            cfg,
-            out,
-            mode,
-            data,
-            scheds,
-            steps,
-            start,
-            best,
-            best_metric,
-            records,
-            device,
-            stop_after,
-            progress,
-            world,
+    stack: contextlib.ExitStack,
+    force: bool = False,
+) -> TrainState:
+    """Data, mode and state (restored from ``ckpt`` if given); rank 0 opens the run folder.
+
+    Everything is read and checked before the folder is created or anything is written in it.
+    """
+    precision = resolve_precision(cfg.precision, world.device)
+    if cfg.sync_bn and world.size > 1 and world.device.type != "cuda":
+        raise CellP2PError(
+            "--sync-bn: torch's SyncBatchNorm runs on CUDA GPUs only; on the CPU leave "
+            "it off (each process then normalises with the statistics of its own crops)"
         )
+    seed_everything(cfg.seed, cfg.deterministic)
+    data = load_data(cfg, ckpt["normalization"] if ckpt else None)
+    if ckpt is not None:
+        check_resumed_data(ckpt, data, cfg)
+    channels = data.in_channels + data.out_channels
+    check_batch_memory(cfg.batch_size, cfg.crop, channels, _first_features(cfg), world.device)
+    mode = make_mode(cfg, data, world.device, precision)
+    state = TrainState(cfg, out, mode, data, total_steps(cfg, data, world.size), world)
+    if ckpt is not None:
+        restore(state, ckpt)
+    for net in mode.nets.values():
+        net.train()
+    if world.is_main:  # rank 0 alone writes the run folder
+        claim_folder(out, "run", force, RUN_OUTPUTS)
+        stack.enter_context(RunLock(out))
+        # A fresh run in its own folder (one whose start failed) drops the old log's lines.
+        state.records = truncate_records(out, state.step if ckpt is not None else 0)
+        if ckpt is not None:
+            _note_world_change(ckpt, world.size, cfg)
+        write_config(out, _run_config(state))
+    return state
+
+
+def _first_features(cfg: TrainConfig) -> int:
+    """Feature maps of the trained network's first layer (its ``base``)."""
+    from cellp2p.models.config import PRESETS
+
+    kind = "unet" if cfg.mode == "unet" else "generator"
+    base = model_overrides(cfg).get("base", PRESETS[kind][cfg.preset].get("base", 1))
+    return base if isinstance(base, int) and base > 0 else 1
+
+
+def _run_config(state: TrainState) -> dict[str, Any]:
+    """config.json: the options, the derived run facts, the versions and the data."""
+    cfg, data, world = state.cfg, state.data, state.world
+    return {
+        **asdict(cfg),
+        "total_steps": state.total,
+        "best_metric": state.best_metric,
+        "versions": versions(state.device),
+        "precision": state.mode.precision,
+        "world_size": world.size,
+        "global_batch_size": cfg.batch_size * world.size,
+        "data": {**data.sources, "target_kind": data.target_kind, "classes": data.classes},
+    }
+
+
+def _agreed(world: distributed.World, what: str, work: Callable[[], T]) -> T:
+    """``work()``, then a barrier at which every process learns whether all of them succeeded."""
+    try:
+        result = work()
+    except Exception:
+        world.agree(False, what)
+        raise
+    world.agree(True, what)
+    return result
 
 
 def _wrap_for_ddp(mode: Mode, world: distributed.World, cfg: TrainConfig) -> None:
@@ -235,6 +241,7 @@ def _wrap_for_ddp(mode: Mode, world: distributed.World, cfg: TrainConfig) -> Non
 
 
 def _note_world_change(ckpt: dict[str, Any], size: int, cfg: TrainConfig) -> None:
+    """Warn when a run is resumed by another number of processes (another global batch)."""
     before = int(ckpt.get("world_size") or 1)
     if before != size:
         print(
@@ -245,231 +252,235 @@ def _note_world_change(ckpt: dict[str, Any], size: int, cfg: TrainConfig) -> Non
         )
 
 
-def _tuple_state(state: Any) -> Any:
-    return tuple(_tuple_state(s) for s in state) if isinstance(state, list) else state
+# -- the loop ----------------------------------------------------------------------------------
 
 
-def _write_json(path: Path, obj: Any) -> None:
-    tmp = path.with_name(f".{path.name}.part")
-    tmp.write_text(json.dumps(obj, indent=2, default=str) + "\n")
-    os.replace(tmp, path)
+def make_loader(
+    state: TrainState, end: int, num_workers: int | None = None
+) -> torch.utils.data.DataLoader:
+    """The batches of steps ``state.step + 1`` … ``end``, each a pure function of (seed, step).
 
-
-def _loop(
-    cfg,
-    out,
-    mode,
-    data,
-    scheds,
-    steps,
-    start,
-    best,
-    best_metric,
-    records,
-    device,
-    stop_after,
-    progress,
-    world=None,
-) -> dict[str, Any]:
-    from tqdm import tqdm
-
-    world = world or distributed.World(device=device)
-    loader = torch.utils.data.DataLoader(
-        StepBatches(data, cfg, world.rank, world.size),
+    The loader draws its worker seeds from a generator of its own, not from torch's global
+    one, so creating it leaves the restored generator states untouched.
+    """
+    cfg, world = state.cfg, state.world
+    return torch.utils.data.DataLoader(
+        StepBatches(state.data, cfg, world.rank, world.size),
         batch_size=None,
-        sampler=range(start + 1, steps + 1),
-        num_workers=cfg.num_workers,
-        pin_memory=device.type == "cuda",
+        sampler=range(state.step + 1, end + 1),
+        num_workers=cfg.num_workers if num_workers is None else num_workers,
+        pin_memory=state.device.type == "cuda",
         persistent_workers=False,
+        generator=torch.Generator().manual_seed(cfg.seed),
     )
-    end = min(steps, stop_after) if stop_after else steps
-    bar = tqdm(
-        total=end,
-        initial=start,
-        disable=cfg.quiet or not world.is_main,
-        dynamic_ncols=True,
-        desc=cfg.mode,
-        file=sys.stderr,
-    )
-    sums: dict[str, torch.Tensor] = {}
-    n_since, t_since = 0, time.perf_counter()
-    interrupted = False
-    previous = signal.getsignal(signal.SIGINT)
 
-    def on_sigint(signum: int, frame: Any) -> None:  # finish the step, then checkpoint
-        nonlocal interrupted
-        interrupted = True
 
-    if threading_is_main():
-        signal.signal(signal.SIGINT, on_sigint)
-    record: dict[str, Any] = records[-1] if records else {}
-    step = start
-    try:
-        for step, (x, y) in zip(range(start + 1, end + 1), loader, strict=False):
-            # Dropout masks and D's interpolates depend on (seed, step, rank): resume is exact.
-            torch.manual_seed(distributed.step_seed(cfg.seed, step, world.rank))
-            x = x.to(device, non_blocking=True)
-            y = y.to(device, non_blocking=True)
-            logs = mode.step(x, y)
-            for k, v in logs.items():
-                sums[k] = sums.get(k, 0) + v
-            n_since += 1
-            for s in scheds.values():
-                s.step()
+def train_step(state: TrainState, x: torch.Tensor, y: torch.Tensor) -> dict[str, torch.Tensor]:
+    """The next step: seeded by (seed, step, rank), the mode's step, then the LR schedules."""
+    step = state.step + 1
+    # Dropout masks and D's interpolates depend on (seed, step, rank): resume is exact.
+    torch.manual_seed(distributed.step_seed(state.cfg.seed, step, state.world.rank))
+    x = x.to(state.device, non_blocking=True)
+    y = y.to(state.device, non_blocking=True)
+    logs = state.mode.step(x, y)
+    for sched in state.scheds.values():
+        sched.step()
+    state.step = step
+    return logs
+
+
+def run(
+    state: TrainState,
+    *,
+    stop_after: int | None = None,
+    progress: Callable[..., Any] | None = None,
+) -> dict[str, Any]:
+    """Train from ``state.step`` to the end of the run (or ``stop_after``), evaluating every
+    ``--eval-every`` steps and at the end; every process returns rank 0's final record."""
+    cfg, world = state.cfg, state.world
+    end = min(state.total, stop_after) if stop_after else state.total
+    record = state.records[-1] if state.records else {}
+    window, interrupted = _Window(), False
+    with _progress_bar(state, end) as bar, _SigintFlag() as sigint:
+        for x, y in make_loader(state, end):
+            window.add(train_step(state, x, y))
             bar.update(1)
-            if world.size > 1:  # an interrupt seen by one process stops all at the same step
-                interrupted = world.any(interrupted)
-            if step % cfg.eval_every == 0 or step == end or interrupted:
-                elapsed = time.perf_counter() - t_since
-                losses = world.mean({k: float(v) / n_since for k, v in sums.items()})
-                if world.is_main:  # the others wait at world.agree below
-                    try:
-                        record, best = _evaluate(
-                            cfg,
-                            out,
-                            mode,
-                            data,
-                            scheds,
-                            step,
-                            steps,
-                            losses,
-                            n_since * cfg.batch_size * world.size / max(elapsed, 1e-9),
-                            best,
-                            best_metric,
-                            records,
-                            device,
-                            world.size,
-                        )
-                    except Exception:
-                        world.agree(False, f"validation and checkpointing at step {step}")
-                        raise
-                    bar.set_postfix({k: f"{v:.3g}" for k, v in losses.items()})
-                    if cfg.quiet:
-                        print(_log_line(record), file=sys.stderr, flush=True)
-                    if progress:
-                        progress(record)
-                world.agree(True, f"validation and checkpointing at step {step}")
-                sums, n_since, t_since = {}, 0, time.perf_counter()
+            interrupted = world.any(sigint.seen)  # one process interrupted: all stop here
+            if state.step % cfg.eval_every == 0 or state.step == end or interrupted:
+                record = _evaluation(state, window, bar, progress)
+                window = _Window()
             if interrupted:
                 if world.is_main:
                     print(
-                        f"interrupted at step {step}: checkpoint written to "
-                        f"{out}/checkpoints/last.pt",
+                        f"interrupted at step {state.step}: checkpoint written to "
+                        f"{last_checkpoint(state.out)}",
                         file=sys.stderr,
                     )
                 break
-    finally:
-        bar.close()
-        if threading_is_main():
-            signal.signal(signal.SIGINT, previous)
     if interrupted:
         raise KeyboardInterrupt
-    return world.broadcast(record)  # every process returns rank 0's final record
+    return world.broadcast(record)
 
 
-def threading_is_main() -> bool:
-    import threading
+class _Window:
+    """Loss sums and the time since the last evaluation."""
 
-    return threading.current_thread() is threading.main_thread()
+    def __init__(self) -> None:
+        self.sums: dict[str, torch.Tensor] = {}
+        self.steps = 0
+        self.t0 = time.perf_counter()
+
+    def add(self, logs: dict[str, torch.Tensor]) -> None:
+        """Add one step's losses (kept on the device: no host sync per step)."""
+        for k, v in logs.items():
+            self.sums[k] = self.sums.get(k, 0) + v
+        self.steps += 1
+
+    def means(self) -> dict[str, float]:
+        """The mean of each loss over the window's steps."""
+        return {k: float(v) / self.steps for k, v in self.sums.items()}
+
+
+class _SigintFlag:
+    """Ctrl-C during the loop sets ``seen``: the step finishes, then a checkpoint is written."""
+
+    def __init__(self) -> None:
+        self.seen = False
+        self._main = threading.current_thread() is threading.main_thread()
+
+    def __enter__(self) -> _SigintFlag:
+        if self._main:  # signal handlers can only be set from the main thread
+            self._previous = signal.getsignal(signal.SIGINT)
+            signal.signal(signal.SIGINT, self._on_sigint)
+        return self
+
+    def _on_sigint(self, signum: int, frame: Any) -> None:
+        """The handler: only note it (the loop checks after each step)."""
+        self.seen = True
+
+    def __exit__(self, *exc: object) -> None:
+        if self._main:
+            signal.signal(signal.SIGINT, self._previous)
+
+
+@contextlib.contextmanager
+def _progress_bar(state: TrainState, end: int) -> Iterator[Any]:
+    """A tqdm bar on stderr (rank 0, not with --quiet), closed however the loop ends."""
+    from tqdm import tqdm
+
+    bar = tqdm(
+        total=end,
+        initial=state.step,
+        disable=state.cfg.quiet or not state.world.is_main,
+        dynamic_ncols=True,
+        desc=state.cfg.mode,
+        file=sys.stderr,
+    )
+    try:
+        yield bar
+    finally:
+        bar.close()
+
+
+# -- an evaluation: validate → record → checkpoint → figures -------------------------------------
+
+
+def _evaluation(
+    state: TrainState, window: _Window, bar: Any, progress: Callable[..., Any] | None
+) -> dict[str, Any]:
+    """Rank 0 evaluates and logs while the others wait; the record (empty on other ranks)."""
+    world = state.world
+    elapsed = time.perf_counter() - window.t0
+    losses = world.mean(window.means())
+    ips = window.steps * state.cfg.batch_size * world.size / max(elapsed, 1e-9)
+
+    def work() -> dict[str, Any]:
+        """Rank 0's part: evaluate, then the bar, the --quiet line and ``progress``."""
+        if not world.is_main:
+            return {}
+        record = evaluate(state, losses, ips)
+        bar.set_postfix({k: f"{v:.3g}" for k, v in losses.items()})
+        if state.cfg.quiet:
+            print(_log_line(record), file=sys.stderr, flush=True)
+        if progress:
+            progress(record)
+        return record
+
+    return _agreed(world, f"validation and checkpointing at step {state.step}", work)
+
+
+def evaluate(state: TrainState, losses: dict[str, float], images_per_s: float) -> dict[str, Any]:
+    """Validate, then write the record, the checkpoints and the figures (rank 0)."""
+    val, pred = validate_run(state.mode, state.data, state.device)
+    record = make_record(state, losses, val, images_per_s)
+    improved = _update_best(state, val)
+    write_checkpoints(state, record, improved)
+    append_record(state.out, record)  # after the checkpoint: a logged step is always saved
+    state.records.append(record)
+    save_figures(state, pred)
+    return record
+
+
+def validate_run(mode: Mode, data: PairedData, device: torch.device) -> tuple[dict, np.ndarray]:
+    """Metrics on whole held-out slices (not crops), and the predictions in [0, 1]."""
+    preds = []
+    was_training = mode.main.training
+    for m in mode.nets.values():
+        m.eval()
+    with torch.inference_mode():
+        for x in data.val_x:
+            xt = torch.from_numpy(x[None]).to(device)
+            preds.append(forward_full(mode.predict, mode.main, xt)[0].cpu().numpy())
+    if was_training:
+        for m in mode.nets.values():
+            m.train()
+    pred = np.stack(preds)
+    return score_outputs(pred, data.val_y, data.target_kind, data.classes), pred
+
+
+def make_record(
+    state: TrainState, losses: dict[str, float], val: dict[str, float], images_per_s: float
+) -> dict[str, Any]:
+    """One metrics.jsonl line: step, epoch, mean losses, val_* metrics, speed, LR, time."""
+    return {
+        "step": state.step,
+        "epoch": state.step / steps_per_epoch(state.cfg, state.data, state.world.size),
+        **losses,
+        **{f"val_{k}": v for k, v in val.items()},
+        "images_per_s": images_per_s,
+        "lr": next(iter(state.scheds.values())).get_last_lr()[0],
+        "time": time.time(),
+    }
+
+
+def _update_best(state: TrainState, val: dict[str, float]) -> bool:
+    """Whether this evaluation beats the best on ``best_metric`` (then it becomes the best)."""
+    value = val.get(state.best_metric)
+    if value is None:
+        raise CellP2PError(
+            f"--best-metric {state.best_metric}: not computed; choose one of {sorted(val)}"
+        )
+    if not is_improvement(state.best_metric, value, state.best and state.best["value"]):
+        return False
+    state.best = {"metric": state.best_metric, "value": float(value), "step": state.step}
+    return True
+
+
+def save_figures(state: TrainState, pred: np.ndarray) -> None:
+    """The first validation slice (input | target | prediction) and the loss curves."""
+    data = state.data
+    shown = pred[0][1:2] if data.target_kind == "binary" and pred.shape[1] > 1 else pred[0]
+    if data.target_kind == "multiclass":
+        shown = pred[0].argmax(0)[None].astype(np.float32)
+    target = center_crop(data.val_y[0], *shown.shape[-2:])
+    save_panel(sample_path(state.out, state.step), [data.val_x[0], target, shown])
+    cfg = state.cfg
+    plot_curves(state.out / CURVE, state.records, f"{cfg.mode} ({cfg.task}, {cfg.preset})")
 
 
 def _log_line(record: dict) -> str:
+    """A --quiet log line: the step and the record's numbers."""
     parts = [f"step {record['step']}"]
     # "time" is the wall-clock stamp kept in metrics.jsonl; as a log field it only says 1.8e+09.
     parts += [f"{k} {v:.4g}" for k, v in record.items() if isinstance(v, float) and k != "time"]
     return " | ".join(parts)
-
-
-def _evaluate(
-    cfg,
-    out,
-    mode,
-    data,
-    scheds,
-    step,
-    steps,
-    losses,
-    ips,
-    best,
-    best_metric,
-    records,
-    device,
-    world_size=1,
-) -> tuple[dict, dict | None]:
-    """Validate, write the record, the sample panel, the curve and the checkpoints (rank 0)."""
-    val, pred = validate_run(mode, data, device)
-    per_epoch = steps_per_epoch(cfg, data, world_size)
-    record = {
-        "step": step,
-        "epoch": step / per_epoch,
-        **losses,
-        **{f"val_{k}": v for k, v in val.items()},
-        "images_per_s": ips,
-        "lr": scheds[next(iter(scheds))].get_last_lr()[0],
-        "time": time.time(),
-    }
-    value = val.get(best_metric)
-    if value is None:
-        raise CellP2PError(
-            f"--best-metric {best_metric}: not computed; choose one of {sorted(val)}"
-        )
-    improved = is_improvement(best_metric, value, best and best["value"])
-    if improved:
-        best = {"metric": best_metric, "value": float(value), "step": step}
-    payload = {
-        "mode": cfg.mode,
-        "task": cfg.task,
-        "train_config": asdict(cfg),
-        "models": {name: model_entry(net) for name, net in mode.nets.items()},
-        "optimizers": {k: o.state_dict() for k, o in mode.optims.items()},
-        "schedulers": {k: s.state_dict() for k, s in scheds.items()},
-        "scaler": None,
-        "normalization": {
-            "input": data.input_norm.to_dict(),
-            "target": data.target_norm.to_dict() if data.target_norm else None,
-        },
-        "data": {
-            "in_channels": data.in_channels,
-            "out_channels": data.out_channels,
-            "target_kind": data.target_kind,
-            "classes": data.classes,
-            "spacing": list(data.spacing) if data.spacing else None,
-            "crop": cfg.crop,
-        },
-        "step": step,
-        "total_steps": steps,
-        "world_size": world_size,
-        "best": best,
-        "rng": {
-            "python": _listify(random.getstate()),
-            "numpy": _listify(np.random.get_state()),
-            "torch": torch.get_rng_state(),
-        },
-        "versions": versions(device),
-        "record": record,
-    }
-    last = save_checkpoint(out / "checkpoints" / "last.pt", payload)
-    if improved:
-        copy_checkpoint(last, out / "checkpoints" / "best.pt", payload)
-    with open(out / "metrics.jsonl", "a") as fh:
-        fh.write(json.dumps(record) + "\n")
-    records.append(record)
-    x0 = data.val_x[0]
-    target = data.val_y[0]
-    shown = pred[0][1:2] if data.target_kind == "binary" and pred.shape[1] > 1 else pred[0]
-    if data.target_kind == "multiclass":
-        shown = pred[0].argmax(0)[None].astype(np.float32)
-    save_panel(
-        out / "samples" / f"step_{step:07d}.png",
-        [x0, center_crop(target, *shown.shape[-2:]), shown],
-    )
-    plot_curves(out / "loss_curve.png", records, f"{cfg.mode} ({cfg.task}, {cfg.preset})")
-    return record, best
-
-
-def _listify(state: Any) -> Any:
-    if isinstance(state, tuple | list):
-        return [_listify(s) for s in state]
-    if isinstance(state, np.ndarray):
-        return state.tolist()
-    return state

@@ -198,7 +198,8 @@ def test_bad_inputs_are_one_line_errors_and_write_no_checkpoint(pair, tmp_path):
         "slices range": [*_args(pair, Path("{out}")), "--train-slices", "0-40"],
         "BtoA seg": [*_args(pair, Path("{out}")), "--direction", "BtoA"],
     }
-    needles = {
+    needles = {  # what each message must name (every case has one: none can pass vacuously)
+        "no data": "--volume",
         "missing": "nope.tif",
         "slices": "short.tif",
         "size": "wide.tif",
@@ -206,13 +207,16 @@ def test_bad_inputs_are_one_line_errors_and_write_no_checkpoint(pair, tmp_path):
         "zero batch": "--batch-size",
         "neg steps": "--max-steps",
         "no ckpt": "--resume",
+        "slices range": "0-40",
+        "BtoA seg": "--direction BtoA",
     }
+    assert needles.keys() == cases.keys()
     for name, args in cases.items():
         out = tmp_path / name.replace(" ", "_")
         res = CliRunner().invoke(main, [a.replace("{out}", str(out)) for a in args])
         assert res.exit_code != 0, name
         line = _one_error_line(res.output)
-        assert needles.get(name, "") in line, (name, line)
+        assert needles[name] in line, (name, line)
         assert not (out / "checkpoints").exists(), name
 
 
@@ -308,3 +312,66 @@ def test_upsample_resize_is_recorded_and_predicts(pair, tmp_path, mode, net):
     assert (tmp_path / "pred.tif").is_file(), pred
     res = CliRunner().invoke(main, _args(pair, tmp_path / "bad", "--upsample", "bilinear"))
     assert res.exit_code == 2 and "bilinear" in res.output
+
+
+def _records(run: Path) -> list[dict]:
+    return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+
+
+@pytest.mark.parametrize(
+    "damage",
+    [
+        pytest.param(lambda last: last[: len(last) // 2], id="cut-last-line"),
+        pytest.param(lambda last: f'{last}\n[1, 2]\n"text"\n{{"no": "step"}}', id="not-objects"),
+    ],
+)
+def test_resume_after_a_damaged_metrics_log_continues_cleanly(pair, tmp_path, damage):
+    """A kill during the append leaves a cut last line; a resume must not stop on it."""
+    out = tmp_path / "run"
+    assert _run(_args(pair, out, "--max-steps", "2", "--eval-every", "2")).exit_code == 0
+    log = out / "metrics.jsonl"
+    first = log.read_text().splitlines()[0]
+    later = json.dumps({**json.loads(first), "step": 4})  # a record of a step being redone
+    log.write_text(f"{first}\n" + damage(later))  # no newline at the end
+    res = _run(["train", "--out", str(out), "--resume", "--max-steps", "4", "--quiet"])
+    assert res.exit_code == 0, res.output
+    assert "Traceback" not in res.output
+    records = _records(out)  # every line a whole record again
+    assert [r["step"] for r in records] == [2, 4]
+    assert records[0] == json.loads(first)
+    assert load_checkpoint(out / "checkpoints" / "last.pt")["step"] == 4
+
+
+def test_resume_restores_the_python_numpy_and_torch_generators(pair, tmp_path, monkeypatch):
+    """Right after a resume the global generators are where the uninterrupted run had them.
+
+    Every batch fetch draws ``np.random.rand()``, ``random.random()`` and ``torch.rand(1)``
+    (before the step seeds torch for its dropout masks): the resumed run must draw, step for
+    step, the numbers the uninterrupted run drew.
+    """
+    import random
+
+    from cellp2p.dataset import StepBatches
+
+    draws: dict[str, dict[int, tuple[float, float, float]]] = {}
+    fetch = StepBatches.__getitem__
+
+    def drawing(self: StepBatches, step: int):
+        draws[current][step] = (np.random.rand(), random.random(), float(torch.rand(1)))
+        return fetch(self, step)
+
+    monkeypatch.setattr(StepBatches, "__getitem__", drawing)
+    vol, lab = pair
+    base = dict(volume=str(vol), labels=str(lab), crop=32, batch_size=1, max_steps=6)
+    cfg = TrainConfig(**base, eval_every=3, quiet=True, seed=5, model_overrides={"depth": 2})
+    for current, kwargs in (("full", {}), ("first", {"stop_after": 3}), ("resumed", {})):
+        draws[current] = {}
+        run = tmp_path / ("full" if current == "full" else "split")
+        train(cfg, run, resume=current == "resumed", **kwargs)
+    assert sorted(draws["first"]) == [1, 2, 3] and sorted(draws["resumed"]) == [4, 5, 6]
+    assert draws["first"] == {s: draws["full"][s] for s in (1, 2, 3)}
+    for step in (4, 5, 6):
+        numpy_, python_, torch_ = zip(draws["resumed"][step], draws["full"][step], strict=True)
+        assert numpy_[0] == numpy_[1], f"numpy differs at step {step}"
+        assert python_[0] == python_[1], f"python random differs at step {step}"
+        assert torch_[0] == torch_[1], f"torch differs at step {step}"

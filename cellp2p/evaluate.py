@@ -41,10 +41,7 @@ def load_pair(
     pred_path, labels_path = Path(pred_path), Path(labels_path)
     with io.open_stack(pred_path) as p_reader, io.open_stack(labels_path) as l_reader:
         n_pred, n_lab = len(p_reader), len(l_reader)
-        if isinstance(slices, str) or slices is None:
-            ids = parse_slices(slices, n_lab) if slices is not None else None
-        else:
-            ids = parse_slices(",".join(str(int(i)) for i in slices), n_lab)
+        ids = parse_slices(slices, n_lab)
         if ids is None:
             ids = list(range(n_lab))
             if n_pred != n_lab:
@@ -99,7 +96,7 @@ def evaluate(
     for a probability map) with split/merge parts, AP at IoU 0.5/0.75. Translation: MAE, PSNR,
     SSIM. Prints the per-slice table (via ``echo``), writes ``json_path`` when given (strict JSON:
     an infinite PSNR, i.e. identical slices, is written as null) and returns the result of
-    :func:`cellp2p.metrics.evaluate_arrays` with the file names added.
+    :func:`cellp2p.scoring.evaluate_arrays` with the file names added.
     """
     if task not in ("segment", "translate"):
         raise CellP2PError(f"--task {task!r} unknown; use segment or translate")

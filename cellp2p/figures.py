@@ -1,74 +1,41 @@
-"""Every picture cellp2p draws: sample panels, loss curves, comparison panels and error maps."""
+"""Every picture cellp2p draws: training sample panels and curves, comparison panels, error maps.
+
+One display scaling (:func:`display_scale`) and one curve-drawing core (:func:`_draw_curves`)
+serve training (:func:`save_panel`, :func:`plot_curves`) and ``compare``
+(:func:`save_slice_panel`, :func:`plot_loss_curves`). Figures are written atomically.
+"""
 
 from __future__ import annotations
 
-import contextlib
 import math
-import os
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from cellp2p.fsutil import write_failed
+from cellp2p.fsutil import atomic_path, write_failed
+from cellp2p.outputs import THRESHOLD
 
+ERROR_LEGEND = {
+    "segment": f"error maps at p > {THRESHOLD:g}: red = predicted interior on membrane (false "
+    "positive), blue = predicted membrane inside a cell (false negative), white/black = correct",
+    "translate": "error maps: |prediction - target|, one colour scale per slice (magma)",
+}
 
-def _to_uint8(img: np.ndarray) -> np.ndarray:
-    img = img[0] if img.ndim == 3 and img.shape[0] not in (3,) else img
-    if img.ndim == 3:
-        img = np.moveaxis(img, 0, -1)
-    lo, hi = np.percentile(img, [0.5, 99.5]) if img.size else (0, 1)
-    hi = hi if hi > lo else lo + 1
-    return (np.clip((img - lo) / (hi - lo), 0, 1) * 255).astype(np.uint8)
+# loss_g (the weighted sum of the two terms) would only repeat other panels.
+CURVE_KEYS = (
+    "loss",
+    "loss_g_l1",
+    "loss_g_gan",
+    "loss_d",
+    "val_pixel_error",
+    "val_dice_1",
+    "val_psnr",
+    "val_ssim",
+)
 
-
-def save_panel(path: Path, images: list[np.ndarray]) -> None:
-    """input | target | prediction … side by side as one PNG."""
-    from PIL import Image
-
-    tiles = [_to_uint8(im) for im in images]
-    tiles = [np.repeat(t[..., None], 3, -1) if t.ndim == 2 else t for t in tiles]
-    h = max(t.shape[0] for t in tiles)
-    gap = np.full((h, 4, 3), 255, np.uint8)
-    row = []
-    for t in tiles:
-        pad = np.zeros((h, t.shape[1], 3), np.uint8)
-        pad[: t.shape[0]] = t
-        row += [pad, gap]
-    path.parent.mkdir(parents=True, exist_ok=True)
-    Image.fromarray(np.concatenate(row[:-1], axis=1)).save(path)
-
-
-def plot_curves(path: Path, records: list[dict], title: str = "") -> None:
-    """Loss terms and validation metrics against step, one PNG."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    if not records:
-        return
-    steps = [r["step"] for r in records]
-    loss_keys = [k for k in records[-1] if k.startswith("loss")]
-    val_keys = [k for k in records[-1] if k.startswith("val_")]
-    fig, axes = plt.subplots(1, 2, figsize=(10, 3.5))
-    for k in loss_keys:
-        axes[0].plot(steps, [r.get(k, np.nan) for r in records], label=k)
-    axes[0].set_xlabel("step")
-    axes[0].set_title("training losses")
-    axes[0].legend(fontsize=8)
-    for k in val_keys:
-        axes[1].plot(steps, [r.get(k, np.nan) for r in records], label=k)
-    axes[1].set_xlabel("step")
-    axes[1].set_title("validation")
-    axes[1].legend(fontsize=8)
-    fig.suptitle(title)
-    fig.tight_layout()
-    tmp = path.with_name(f".{path.name}.part.png")
-    fig.savefig(tmp, dpi=80)
-    plt.close(fig)
-    os.replace(tmp, path)
+Series = tuple[str, list[tuple[float, float]]]  # (label, (step, value) points)
 
 
 def _plt() -> Any:
@@ -81,17 +48,135 @@ def _plt() -> Any:
     return plt
 
 
-def _grey(img: np.ndarray) -> np.ndarray:
-    """Display scaling: 0.5-99.5 percentiles to [0, 1]."""
+def _save_figure(fig: Any, path: Path, dpi: int) -> None:
+    """Save a figure through a temporary file renamed into place; close it whatever happens."""
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with atomic_path(path) as tmp:
+            fig.savefig(tmp, dpi=dpi, format=path.suffix.lstrip(".") or "png")
+    except OSError as err:
+        raise write_failed(path, err) from None
+    finally:
+        _plt().close(fig)
+
+
+# -- display scaling ---------------------------------------------------------------------------
+
+
+def display_scale(img: np.ndarray) -> np.ndarray:
+    """An image for display: float32 in [0, 1], its 0.5-99.5 percentiles stretched to 0-1.
+
+    A channel-first image becomes (Y, X, 3) when it has three channels, else its first channel.
+    """
     img = np.asarray(img, dtype=np.float32)
+    if img.ndim == 3:
+        img = np.moveaxis(img, 0, -1) if img.shape[0] == 3 else img[0]
     lo, hi = np.percentile(img, [0.5, 99.5]) if img.size else (0.0, 1.0)
     hi = hi if hi > lo else lo + 1.0
-    return np.clip((img - lo) / (hi - lo), 0.0, 1.0)
+    return np.clip((img - lo) / (hi - lo), 0.0, 1.0).astype(np.float32)
+
+
+def save_panel(path: Path, images: list[np.ndarray]) -> None:
+    """input | target | prediction … side by side as one PNG (training samples)."""
+    from PIL import Image
+
+    tiles = [(display_scale(im) * 255).astype(np.uint8) for im in images]
+    tiles = [np.repeat(t[..., None], 3, -1) if t.ndim == 2 else t for t in tiles]
+    h = max(t.shape[0] for t in tiles)
+    gap = np.full((h, 4, 3), 255, np.uint8)
+    row = []
+    for t in tiles:
+        pad = np.zeros((h, t.shape[1], 3), np.uint8)
+        pad[: t.shape[0]] = t
+        row += [pad, gap]
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_path(path) as tmp:
+        Image.fromarray(np.concatenate(row[:-1], axis=1)).save(tmp, format="PNG")
+
+
+# -- curves ------------------------------------------------------------------------------------
+
+
+def _points(records: Sequence[dict], key: str) -> list[tuple[float, float]]:
+    """(step, value) of every record holding ``key``."""
+    return [(r["step"], r[key]) for r in records if key in r and r[key] is not None]
+
+
+def _draw_curves(
+    path: Path,
+    panels: Sequence[tuple[str, Sequence[Series]]],
+    *,
+    title: str = "",
+    ncols: int = 3,
+    legend: Sequence[str] | None = None,
+    dpi: int = 90,
+) -> Path:
+    """One axis per (title, series) panel against step, one PNG.
+
+    Series keep their colour by position; ``legend`` (labels) draws one legend for the figure,
+    otherwise every panel has its own.
+    """
+    plt = _plt()
+    ncols = max(1, min(ncols, len(panels)))
+    nrows = max(1, math.ceil(len(panels) / ncols))
+    fig, axes = plt.subplots(nrows, ncols, figsize=(4.6 * ncols, 3.2 * nrows), squeeze=False)
+    colors = plt.get_cmap("tab10")
+    for ax, (name, series) in zip(axes.flat, panels, strict=False):
+        for i, (label, pts) in enumerate(series):
+            if pts:
+                xs, ys = zip(*pts, strict=True)
+                marker = "." if len(pts) < 30 else None
+                ax.plot(xs, ys, marker=marker, color=colors(i % 10), label=label)
+        ax.set_title(name, fontsize=10)
+        ax.set_xlabel("step")
+        ax.grid(alpha=0.3)
+        if legend is None and any(pts for _, pts in series):
+            ax.legend(fontsize=8)
+    for ax in list(axes.flat)[len(panels) :]:
+        ax.axis("off")
+    top = 1 - 0.55 / (3.2 * nrows)
+    if legend is not None:
+        handles = [plt.Line2D([], [], color=colors(i % 10), label=n) for i, n in enumerate(legend)]
+        fig.legend(handles=handles, loc="upper center", ncol=min(len(legend), 6), fontsize=9)
+    elif title:
+        fig.suptitle(title, fontsize=10)
+    # A fixed layout: tight_layout measures every artist and costs seconds per figure.
+    bottom = 0.6 / (3.2 * nrows)
+    fig.subplots_adjust(left=0.07, right=0.98, bottom=bottom, top=top, wspace=0.28, hspace=0.45)
+    _save_figure(fig, path, dpi=dpi)
+    return path
+
+
+def plot_curves(path: Path, records: list[dict], title: str = "") -> None:
+    """One run's loss terms and validation metrics against step, one PNG (nothing if no records)."""
+    if not records:
+        return
+    loss_keys = [k for k in records[-1] if k.startswith("loss")]
+    val_keys = [k for k in records[-1] if k.startswith("val_")]
+    panels = [
+        ("training losses", [(k, _points(records, k)) for k in loss_keys]),
+        ("validation", [(k, _points(records, k)) for k in val_keys]),
+    ]
+    _draw_curves(path, panels, title=title, ncols=2, dpi=80)
+
+
+def plot_loss_curves(path: Path, names: Sequence[str], histories: Sequence[list[dict]]) -> Path:
+    """Every run's training losses and validation metrics against step, overlaid, one PNG."""
+    keys = [k for k in CURVE_KEYS if any(k in r for h in histories for r in h)]
+    seen = {k for h in histories for r in h for k in r if k.startswith("loss")}
+    keys += sorted(seen - set(keys) - {"loss_g"})
+    panels = [
+        (k, [(n, _points(h, k)) for n, h in zip(names, histories, strict=True)]) for k in keys
+    ]
+    return _draw_curves(path, panels or [("loss", [])], legend=list(names))
+
+
+# -- comparison panels -------------------------------------------------------------------------
 
 
 def seg_error_map(prob: np.ndarray, target: np.ndarray) -> np.ndarray:
     """RGB map at p > 0.5: correct interior white, correct membrane black, FP red, FN blue."""
-    pred, truth = prob > 0.5, np.asarray(target) > 0
+    pred, truth = np.asarray(prob) > THRESHOLD, np.asarray(target) > 0
     rgb = np.zeros((*pred.shape, 3), np.float32)
     rgb[pred & truth] = 1.0
     rgb[pred & ~truth] = (0.9, 0.1, 0.1)
@@ -115,59 +200,28 @@ def save_slice_panel(
     adds a third row with the segmenter's error maps on the real and the generated images.
     """
     plt = _plt()
-    n = len(outputs)
-    rows = 3 if seg_row else 2
-    fig, axes = plt.subplots(rows, 2 + n, figsize=(2.6 * (2 + n), 2.9 * rows), squeeze=False)
+    rows, cols = (3 if seg_row else 2), 2 + len(outputs)
+    fig, axes = plt.subplots(rows, cols, figsize=(2.6 * cols, 2.9 * rows), squeeze=False)
     for ax in axes.flat:
         ax.axis("off")
-    axes[0, 0].imshow(_grey(inp), cmap="gray")
-    axes[0, 0].set_title("input", fontsize=9)
+    _tile(axes[0, 0], display_scale(inp), "input")
     if task == "segment":
-        axes[0, 1].imshow(np.asarray(target) > 0, cmap="gray", vmin=0, vmax=1)
+        _tile(axes[0, 1], np.asarray(target) > 0, "target", vmin=0, vmax=1)
+        _segment_columns(axes, names, outputs, target)
     else:
-        axes[0, 1].imshow(_grey(target), cmap="gray")
-    axes[0, 1].set_title("target", fontsize=9)
-    if task == "translate":
-        t = np.asarray(target, np.float32)
-        errs = [np.abs(np.asarray(o, np.float32) - t) for o in outputs]
-        vmax = max([float(np.percentile(e, 99.5)) for e in errs] + [1e-6])
-    for i, (name, out) in enumerate(zip(names, outputs, strict=True)):
-        col = 2 + i
-        if task == "segment":
-            axes[0, col].imshow(out, cmap="gray", vmin=0, vmax=1)
-            axes[1, col].imshow(seg_error_map(out, target))
-            axes[1, col].set_title(f"{name}: errors", fontsize=9)
-        else:
-            axes[0, col].imshow(_grey(out), cmap="gray")
-            axes[1, col].imshow(errs[i], cmap="magma", vmin=0, vmax=vmax)
-            axes[1, col].set_title(f"{name}: |error| 0-{vmax:.3g}", fontsize=9)
-        axes[0, col].set_title(name, fontsize=9)
-    axes[1, 0].text(
-        0.0,
-        0.5,
-        _wrap(ERROR_LEGEND[task], 34),
-        fontsize=7,
-        va="center",
-        transform=axes[1, 0].transAxes,
-    )
+        _tile(axes[0, 1], display_scale(target), "target")
+        _translate_columns(axes, names, outputs, target)
+    _legend(axes[1, 0], ERROR_LEGEND[task])
     if seg_row:
-        axes[2, 1].imshow(seg_error_map(seg_row["real"], seg_row["target"]))
-        axes[2, 1].set_title("segmenter on target", fontsize=9)
+        _tile(axes[2, 1], seg_error_map(seg_row["real"], seg_row["target"]), "segmenter on target")
         for i, (name, prob) in enumerate(zip(names, seg_row["runs"], strict=True)):
             if prob is not None:
-                axes[2, 2 + i].imshow(seg_error_map(prob, seg_row["target"]))
-                axes[2, 2 + i].set_title(f"segmenter on {name}", fontsize=9)
-        axes[2, 0].text(
-            0.0,
-            0.5,
-            _wrap(
-                "segmentability: the segmenter's errors against the labels the images were "
-                "made from (colours as above)",
-                34,
-            ),
-            fontsize=7,
-            va="center",
-            transform=axes[2, 0].transAxes,
+                error_map = seg_error_map(prob, seg_row["target"])
+                _tile(axes[2, 2 + i], error_map, f"segmenter on {name}")
+        _legend(
+            axes[2, 0],
+            "segmentability: the segmenter's errors against the labels the images were made "
+            "from (colours as above)",
         )
     fig.suptitle(title, fontsize=10)
     # A fixed layout: tight_layout measures every artist and costs seconds per figure.
@@ -177,21 +231,38 @@ def save_slice_panel(
     return path
 
 
-def _save_figure(fig: Any, path: Path, dpi: int) -> None:
-    """Save a figure through a temporary file renamed into place; close it whatever happens."""
-    import os
+def _tile(ax: Any, image: np.ndarray, title: str, **imshow: Any) -> None:
+    """One image of a panel with its title (grey unless the image is RGB)."""
+    options = {"cmap": "gray", **imshow} if np.ndim(image) == 2 else imshow
+    ax.imshow(image, **options)
+    ax.set_title(title, fontsize=9)
 
-    tmp = path.with_name(f".{path.stem}.{os.getpid()}.part{path.suffix}")
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fig.savefig(tmp, dpi=dpi)
-        os.replace(tmp, path)
-    except OSError as err:
-        raise write_failed(path, err) from None
-    finally:
-        _plt().close(fig)
-        with contextlib.suppress(OSError):
-            tmp.unlink(missing_ok=True)
+
+def _segment_columns(
+    axes: Any, names: Sequence[str], outputs: Sequence[np.ndarray], target: np.ndarray
+) -> None:
+    """Each run's probabilities (top) and error map at the threshold (below)."""
+    for i, (name, out) in enumerate(zip(names, outputs, strict=True)):
+        _tile(axes[0, 2 + i], out, name, vmin=0, vmax=1)
+        _tile(axes[1, 2 + i], seg_error_map(out, target), f"{name}: errors")
+
+
+def _translate_columns(
+    axes: Any, names: Sequence[str], outputs: Sequence[np.ndarray], target: np.ndarray
+) -> None:
+    """Each run's image (top) and |error| map on one colour scale (below)."""
+    t = np.asarray(target, np.float32)
+    errs = [np.abs(np.asarray(o, np.float32) - t) for o in outputs]
+    vmax = max([float(np.percentile(e, 99.5)) for e in errs] + [1e-6])
+    for i, (name, out) in enumerate(zip(names, outputs, strict=True)):
+        _tile(axes[0, 2 + i], display_scale(out), name)
+        title = f"{name}: |error| 0-{vmax:.3g}"
+        _tile(axes[1, 2 + i], errs[i], title, cmap="magma", vmin=0, vmax=vmax)
+
+
+def _legend(ax: Any, text: str) -> None:
+    """A legend written into an empty tile."""
+    ax.text(0.0, 0.5, _wrap(text, 34), fontsize=7, va="center", transform=ax.transAxes)
 
 
 def _wrap(text: str, width: int) -> str:
@@ -199,59 +270,3 @@ def _wrap(text: str, width: int) -> str:
     import textwrap
 
     return "\n".join(textwrap.wrap(text, width))
-
-
-def plot_loss_curves(path: Path, names: Sequence[str], histories: Sequence[list[dict]]) -> Path:
-    """Every run's training losses and validation metrics against step, overlaid, one PNG."""
-    plt = _plt()
-    keys = [k for k in CURVE_KEYS if any(k in r for h in histories for r in h)]
-    seen = {k for h in histories for r in h for k in r if k.startswith("loss")}
-    extra = sorted(seen - set(keys) - {"loss_g"})
-    keys += extra
-    if not keys:
-        keys = ["loss"]
-    ncols = min(3, len(keys))
-    nrows = math.ceil(len(keys) / ncols)
-    fig, axes = plt.subplots(nrows, ncols, figsize=(4.6 * ncols, 3.2 * nrows), squeeze=False)
-    colors = plt.get_cmap("tab10")
-    for ax, key in zip(axes.flat, keys, strict=False):
-        for i, (name, hist) in enumerate(zip(names, histories, strict=True)):
-            pts = [(r["step"], r[key]) for r in hist if key in r and r[key] is not None]
-            if pts:
-                xs, ys = zip(*pts, strict=True)
-                ax.plot(
-                    xs, ys, marker="." if len(pts) < 30 else None, color=colors(i % 10), label=name
-                )
-        ax.set_title(key, fontsize=10)
-        ax.set_xlabel("step")
-        ax.grid(alpha=0.3)
-    for ax in list(axes.flat)[len(keys) :]:
-        ax.axis("off")
-    handles = [plt.Line2D([], [], color=colors(i % 10), label=name) for i, name in enumerate(names)]
-    fig.legend(handles=handles, loc="upper center", ncol=min(len(names), 6), fontsize=9)
-    top = 1 - 0.55 / (3.2 * nrows)
-    fig.subplots_adjust(
-        left=0.07, right=0.98, bottom=0.6 / (3.2 * nrows), top=top, wspace=0.28, hspace=0.45
-    )
-    _save_figure(fig, path, dpi=90)
-    return path
-
-
-ERROR_LEGEND = {
-    "segment": "error maps at p > 0.5: red = predicted interior on membrane (false positive), "
-    "blue = predicted membrane inside a cell (false negative), white/black = correct",
-    "translate": "error maps: |prediction - target|, one colour scale per slice (magma)",
-}
-
-
-# loss_g (the weighted sum of the two terms) would only repeat other panels.
-CURVE_KEYS = (
-    "loss",
-    "loss_g_l1",
-    "loss_g_gan",
-    "loss_d",
-    "val_pixel_error",
-    "val_dice_1",
-    "val_psnr",
-    "val_ssim",
-)

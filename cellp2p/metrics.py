@@ -42,7 +42,7 @@ _ISBI_KEYS = (
 # ---------------------------------------------------------------------------------------------
 
 
-def _same_shape(a: np.ndarray, b: np.ndarray, what: str) -> None:
+def check_same_shape(a: np.ndarray, b: np.ndarray, what: str) -> None:
     """Raise a user-facing error when two arrays differ in shape."""
     if a.shape != b.shape:
         raise CellP2PError(f"{what}: prediction shape {a.shape} != target shape {b.shape}")
@@ -51,7 +51,7 @@ def _same_shape(a: np.ndarray, b: np.ndarray, what: str) -> None:
 def pixel_error(pred: np.ndarray, target: np.ndarray) -> float:
     """Fraction of pixels where foreground (value > 0) differs between pred and target."""
     pred, target = np.asarray(pred), np.asarray(target)
-    _same_shape(pred, target, "pixel_error")
+    check_same_shape(pred, target, "pixel_error")
     if pred.size == 0:
         raise CellP2PError("pixel_error: empty arrays")
     return float(np.count_nonzero((pred > 0) != (target > 0)) / pred.size)
@@ -60,7 +60,7 @@ def pixel_error(pred: np.ndarray, target: np.ndarray) -> float:
 def dice_iou(pred: np.ndarray, target: np.ndarray, num_classes: int = 2) -> dict[str, float]:
     """Per-class Dice and IoU of integer class maps of any shape; a class absent in both is 1.0."""
     pred, target = np.asarray(pred), np.asarray(target)
-    _same_shape(pred, target, "dice_iou")
+    check_same_shape(pred, target, "dice_iou")
     out: dict[str, float] = {}
     for c in range(num_classes):
         p, t = pred == c, target == c
@@ -77,7 +77,7 @@ def dice_iou(pred: np.ndarray, target: np.ndarray, num_classes: int = 2) -> dict
 # ---------------------------------------------------------------------------------------------
 
 
-def _check_labels(a: np.ndarray, name: str) -> np.ndarray:
+def check_labels(a: np.ndarray, name: str) -> np.ndarray:
     """Return an int64 label image, rejecting non-integer or negative values."""
     a = np.asarray(a)
     if a.dtype == bool:
@@ -142,9 +142,9 @@ def rand_info_scores(proposal: np.ndarray, gt: np.ndarray) -> dict[str, float]:
     foreground are given unique ids (tests/test_metrics.py checks this), and the -N terms
     vanish relative to the sums for segments much larger than one pixel.
     """
-    s_lab = _check_labels(proposal, "rand_info_scores proposal")
-    t_lab = _check_labels(gt, "rand_info_scores gt")
-    _same_shape(s_lab, t_lab, "rand_info_scores")
+    s_lab = check_labels(proposal, "rand_info_scores proposal")
+    t_lab = check_labels(gt, "rand_info_scores gt")
+    check_same_shape(s_lab, t_lab, "rand_info_scores")
     fg = t_lab > 0
     n = int(np.count_nonzero(fg))
     if n == 0:
@@ -207,7 +207,7 @@ def thin_boundaries(labels: np.ndarray) -> np.ndarray:
     gap inside one segment) is absorbed. Segment ids are kept; an image without segments is
     returned unchanged (all boundary, so every pixel scores as a singleton).
     """
-    lab = _check_labels(labels, "thin_boundaries")
+    lab = check_labels(labels, "thin_boundaries")
     if lab.ndim != 2:
         raise CellP2PError(f"thin_boundaries: expected a 2D label image, got shape {lab.shape}")
     if not np.any(lab):
@@ -218,7 +218,7 @@ def thin_boundaries(labels: np.ndarray) -> np.ndarray:
     return watershed(flat, markers=lab, connectivity=1, watershed_line=True).astype(np.int32)
 
 
-def _detect_kind(pred: np.ndarray) -> str:
+def detect_kind(pred: np.ndarray) -> str:
     """Guess what a segmentation prediction holds: 'prob', 'mask' or 'labels'.
 
     bool, two values or fewer (integers, or floats outside [0, 1] such as 0/255), or floats that
@@ -245,11 +245,11 @@ def _gt_segments(gt: np.ndarray) -> np.ndarray:
     """Ground-truth segments: label images (> 2 values) as given, binary masks as components."""
     gt = np.asarray(gt)
     if gt.dtype != bool and np.unique(gt).size > 2:
-        return _check_labels(gt, "ground truth")
+        return check_labels(gt, "ground truth")
     return segments_from_binary(gt)
 
 
-def _best_scores(candidates: Sequence[tuple[float, np.ndarray]], gt_seg: np.ndarray) -> dict:
+def best_isbi_scores(candidates: Sequence[tuple[float, np.ndarray]], gt_seg: np.ndarray) -> dict:
     """Max V_rand and max V_info (with parts and threshold) over (threshold, proposal) pairs."""
     best: dict[str, Any] = {}
     for thr, seg in candidates:
@@ -286,14 +286,14 @@ def isbi_scores(
     may differ. ``pixel_error`` is at ``prob > 0.5``.
     """
     p = np.asarray(prob)
-    kind = _detect_kind(p)
+    kind = detect_kind(p)
     if kind == "labels":
         raise CellP2PError(
             "isbi_scores: expected a probability map in [0, 1] or a binary mask, got "
             f"{np.unique(p).size} values in [{p.min():g}, {p.max():g}] (scale 8-bit maps by 1/255)"
         )
     gt = np.asarray(gt_binary)
-    _same_shape(p, gt, "isbi_scores")
+    check_same_shape(p, gt, "isbi_scores")
     if p.ndim != 2:
         raise CellP2PError(f"isbi_scores: expected 2D slices, got shape {p.shape}")
     if kind == "mask":
@@ -305,7 +305,7 @@ def isbi_scores(
             raise CellP2PError("isbi_scores: thresholds is empty")
     gt_seg = _gt_segments(gt)
     cands = [(t, thin_boundaries(segments_from_binary(p > t))) for t in ts]
-    out = _best_scores(cands, gt_seg)
+    out = best_isbi_scores(cands, gt_seg)
     out["pixel_error"] = pixel_error(p > 0.5, gt > 0)
     return out
 
@@ -331,9 +331,9 @@ def average_precision(
         raise CellP2PError(
             f"average_precision: iou_threshold must be in (0, 1], got {iou_threshold}"
         )
-    pred = _check_labels(pred_instances, "average_precision pred")
-    gt = _check_labels(gt_instances, "average_precision gt")
-    _same_shape(pred, gt, "average_precision")
+    pred = check_labels(pred_instances, "average_precision pred")
+    gt = check_labels(gt_instances, "average_precision gt")
+    check_same_shape(pred, gt, "average_precision")
     g_ids, g_inv = np.unique(gt.ravel(), return_inverse=True)
     p_ids, p_inv = np.unique(pred.ravel(), return_inverse=True)
     n_true = int(np.count_nonzero(g_ids))
@@ -371,7 +371,7 @@ def _check_2d_pair(pred: np.ndarray, target: np.ndarray, what: str) -> tuple[np.
     """Return float64 copies of two same-shape 2D slices."""
     p = np.asarray(pred, dtype=np.float64)
     t = np.asarray(target, dtype=np.float64)
-    _same_shape(p, t, what)
+    check_same_shape(p, t, what)
     if p.ndim != 2:
         raise CellP2PError(f"{what}: expected 2D slices, got shape {p.shape}")
     return p, t
@@ -381,7 +381,7 @@ def mae(pred: np.ndarray, target: np.ndarray) -> float:
     """Mean absolute error (in the images' own units)."""
     p = np.asarray(pred, dtype=np.float64)
     t = np.asarray(target, dtype=np.float64)
-    _same_shape(p, t, "mae")
+    check_same_shape(p, t, "mae")
     return float(np.mean(np.abs(p - t)))
 
 
@@ -428,8 +428,3 @@ def ssim(pred: np.ndarray, target: np.ndarray, data_range: float) -> float:
         data_range=1.0,
     )
     return float(ssim_map.double().mean())
-
-
-# ---------------------------------------------------------------------------------------------
-# stacks
-# ---------------------------------------------------------------------------------------------

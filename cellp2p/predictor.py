@@ -3,6 +3,7 @@ outputs in [0, 1] out (tiled and test-time augmented as asked)."""
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Sequence
 from pathlib import Path
@@ -18,16 +19,14 @@ from cellp2p.errors import CellP2PError
 from cellp2p.outputs import to_model_range, to_unit
 from cellp2p.tiling import (
     DEFAULT_TILE,
-    DIHEDRAL,
     WHOLE_SLICE_MAX,
     check_tiling,
-    forward_full,
+    dihedral_mean,
     grid_period,
     is_valid_convolution,
-    monai_overlap,
     overlap_tile_plan,
-    reflect_pad,
-    sliding_plan,
+    tiled_inference,
+    tiles_exactly,
 )
 
 _DROPOUTS = (
@@ -107,20 +106,28 @@ class Predictor:
         return is_valid_convolution(self.net)
 
     @property
+    def tiles_exactly(self) -> bool:
+        """Whether tiles reproduce the whole slice (else whole slices only, see tiling)."""
+        return tiles_exactly(self.net)
+
+    @property
     def divisor(self) -> int:
         """Period of the network's pooling/stride grid (2**depth), which tiles are aligned to."""
         return grid_period(self.net)
 
     def default_tile(self, shape: Sequence[int]) -> int | None:
-        """None (whole slice) up to 1024 px a side, else 512 or the training crop if larger."""
-        if max(shape[-2:]) <= WHOLE_SLICE_MAX:
+        """None (whole slice) up to 1024 px a side, else 512 or the training crop if larger.
+
+        Networks that cannot be tiled exactly (:func:`tiles_exactly`) always see whole slices.
+        """
+        if max(shape[-2:]) <= WHOLE_SLICE_MAX or not self.tiles_exactly:
             return None
         crop = self.train_config.get("crop") or DEFAULT_TILE
         return max(DEFAULT_TILE, int(crop))
 
     def single_window(self, shape: Sequence[int], tile: int | None) -> bool:
         """Whether a slice of ``shape`` goes through the network in one piece."""
-        tile = self.default_tile(shape) if tile is None else tile
+        tile = self.default_tile(shape) if tile is None or not self.tiles_exactly else tile
         return tile is None or max(shape[-2:]) <= tile
 
     # -- network -------------------------------------------------------------------------------
@@ -135,62 +142,17 @@ class Predictor:
             out = self.net(x)
         return to_unit(out, self.space, self.target_kind)
 
-    def _tiled(self, x: torch.Tensor, tile: int | None, overlap: float, batch: int) -> torch.Tensor:
-        """Outputs for a batch of normalised slices, tiled as the slice size asks."""
-        H, W = x.shape[-2:]
-        tile = self.default_tile((H, W)) if tile is None else tile
-        if tile is None or max(H, W) <= tile:
-            return torch.cat(
-                [forward_full(self.forward, self.net, c) for c in x.split(batch)], dim=0
-            )
-        if self.valid_convolution:
-            return self._overlap_tile(x, tile, batch)
-        return self._sliding(x, tile, overlap, batch)
-
-    def _sliding(self, x: torch.Tensor, tile: int, overlap: float, batch: int) -> torch.Tensor:
-        from monai.inferers import sliding_window_inference
-
-        H, W = x.shape[-2:]
-        (wy, iy, ty, by), (wx, ix, tx, bx) = (
-            sliding_plan(n, tile, overlap, self.divisor) for n in (H, W)
-        )
-        canvas = reflect_pad(x, (tx, bx, ty, by))
-        out = sliding_window_inference(
-            canvas,
-            roi_size=(wy, wx),
-            sw_batch_size=batch,
-            predictor=self.forward,
-            overlap=(monai_overlap(wy, iy), monai_overlap(wx, ix)),
-            mode="gaussian",
-        )
-        return out[..., ty : ty + H, tx : tx + W]
-
-    def _plan(self, n: int, tile: int) -> tuple[int, ...]:
+    def _plan(self, n: int, tile: int) -> tuple[int, int, int, int, int, int]:
+        """:func:`overlap_tile_plan` of the network, cached per slice size (it searches)."""
         key = (n, tile)
-        if key not in self._plans:  # valid_input_size searches: cache per slice size
+        if key not in self._plans:
             self._plans[key] = overlap_tile_plan(self.net, n, tile)
         return self._plans[key]
 
-    def _overlap_tile(self, x: torch.Tensor, tile: int, batch: int) -> torch.Tensor:
-        N, _, H, W = x.shape
-        iy, oy, sy, by, ay, offy = self._plan(H, tile)
-        ix, ox, sx, bx, ax, offx = self._plan(W, tile)
-        canvas = reflect_pad(x, (bx, ax, by, ay))
-        ys = range(0, canvas.shape[-2] - iy + 1, sy)
-        xs = range(0, canvas.shape[-1] - ix + 1, sx)
-        out = torch.empty(
-            (N, self.out_channels, (len(ys) - 1) * sy + oy, (len(xs) - 1) * sx + ox),
-            device=x.device,
-        )
-        windows = [(i, y, z) for i in range(N) for y in ys for z in xs]
-        for k in range(0, len(windows), batch):
-            chunk = windows[k : k + batch]
-            pred = self.forward(
-                torch.stack([canvas[i, :, y : y + iy, z : z + ix] for i, y, z in chunk])
-            )
-            for (i, y, z), p in zip(chunk, pred, strict=True):
-                out[i, :, y : y + oy, z : z + ox] = p
-        return out[..., offy : offy + H, offx : offx + W]
+    def _tiled(self, x: torch.Tensor, tile: int | None, overlap: float, batch: int) -> torch.Tensor:
+        """Outputs for a batch of normalised slices, tiled as the slice size asks."""
+        tile = self.default_tile(x.shape[-2:]) if tile is None or not self.tiles_exactly else tile
+        return tiled_inference(self.forward, self.net, x, tile, overlap, batch, self._plan)
 
     # -- slices --------------------------------------------------------------------------------
     def prepare(self, images: Sequence[np.ndarray], source: str = "input") -> np.ndarray:
@@ -227,17 +189,9 @@ class Predictor:
         """Several raw slices of one size → float32 (N, C_out, Y, X) in [0, 1]."""
         check_tiling(tile, overlap, batch_size)
         x = torch.from_numpy(self.prepare(images, source)).to(self.device)
+        run = functools.partial(self._tiled, tile=tile, overlap=overlap, batch=batch_size)
         with torch.inference_mode():
-            if not self.tta:
-                out = self._tiled(x, tile, overlap, batch_size)
-            else:  # the 8 flips/rotations, each undone, averaged (probabilities, not logits)
-                out = torch.zeros((x.shape[0], self.out_channels, *x.shape[-2:]), device=x.device)
-                for k, flip in DIHEDRAL:
-                    t = torch.flip(x, (-1,)) if flip else x
-                    y = self._tiled(torch.rot90(t, k, (-2, -1)), tile, overlap, batch_size)
-                    y = torch.rot90(y, -k, (-2, -1))
-                    out += torch.flip(y, (-1,)) if flip else y
-                out /= len(DIHEDRAL)
+            out = dihedral_mean(run, x) if self.tta else run(x)
         return out.float().contiguous().cpu().numpy()
 
     def predict_slice(
@@ -316,63 +270,23 @@ def load_predictor(
     precision: str = "auto",
 ) -> Predictor:
     """Rebuild the network of a run folder (best.pt, else last.pt) or checkpoint file."""
-    from cellp2p.checkpoint import build_from_entry, load_checkpoint
+    from cellp2p.checkpoint import load_checkpoint
     from cellp2p.runtime import resolve_precision, select_device
 
     dev = select_device(device)
     prec = resolve_precision(precision, dev)
     ckpt = load_checkpoint(model)
     path = ckpt["path"]
-    mode = _section(ckpt, "mode", path)
-    models = _section(ckpt, "models", path)
-    norms = _section(ckpt, "normalization", path)
-    data = _section(ckpt, "data", path)
-    name = {"unet": "unet", "pix2pix": "generator"}.get(mode) if isinstance(mode, str) else None
-    if name is None or not isinstance(models, dict) or name not in models:
-        raise CellP2PError(f"{path}: checkpoint of mode {mode!r} holds no network to predict with")
-    if not isinstance(norms, dict) or not isinstance(data, dict):
-        raise CellP2PError(
-            f"{path}: normalisation or data record is damaged; use another checkpoint"
-        )
-    entry = models[name]
-    if not isinstance(entry, dict) or entry.get("kind") != name:
-        raise CellP2PError(
-            f"{path}: the {name} entry is not a {name} network; use a checkpoint written by "
-            "'cellp2p train'"
-        )
-    net = build_from_entry(entry, path)
-    try:
-        input_norm = _normalization(norms["input"])
-        target = norms.get("target")
-        target_norm = _normalization(target) if target else None
-        target_kind = str(data["target_kind"])
-        classes = [_int(c) for c in data.get("classes") or []]
-        train_config = dict(ckpt.get("train_config") or {})
-        record = dict(ckpt.get("record") or {})
-    except (KeyError, TypeError, ValueError) as err:
-        raise CellP2PError(
-            f"{path}: normalisation record is incomplete or damaged ({err}); "
-            "use a checkpoint written by 'cellp2p train'"
-        ) from None
-    if target_kind not in ("binary", "multiclass", "image") or (
-        target_kind == "image" and target_norm is None
-    ):
-        raise CellP2PError(f"{path}: unknown target kind {target_kind!r}; use another checkpoint")
-    if target_kind == "multiclass" and len(classes) != int(net.config.out_channels):
-        raise CellP2PError(
-            f"{path}: {len(classes)} class values for {net.config.out_channels} outputs; "
-            "the checkpoint is damaged: use another one"
-        )
+    for key in ("mode", "models", "normalization", "data"):
+        _section(ckpt, key, path)
+    mode, net = _network(ckpt, path)
+    records = _records(ckpt, path, int(net.config.out_channels))
+    target_kind = records["target_kind"]
     return Predictor(
         net,
         mode=mode,
         task=str(ckpt.get("task") or ("translate" if target_kind == "image" else "segment")),
-        target_kind=target_kind,
-        classes=classes,
-        input_norm=input_norm,
-        target_norm=target_norm,
-        train_config=train_config,
-        record=record,
+        **records,
         checkpoint_path=Path(path),
         in_channels=int(net.config.in_channels),
         out_channels=int(net.config.out_channels),
@@ -381,3 +295,55 @@ def load_predictor(
         tta=tta,
         test_time_dropout=test_time_dropout,
     )
+
+
+def _network(ckpt: dict[str, Any], path: Any) -> tuple[str, nn.Module]:
+    """The checkpoint's mode and the network that predicts (the U-Net, or the generator)."""
+    from cellp2p.checkpoint import build_from_entry
+
+    mode = _section(ckpt, "mode", path)
+    models = _section(ckpt, "models", path)
+    name = {"unet": "unet", "pix2pix": "generator"}.get(mode) if isinstance(mode, str) else None
+    if name is None or not isinstance(models, dict) or name not in models:
+        raise CellP2PError(f"{path}: checkpoint of mode {mode!r} holds no network to predict with")
+    entry = models[name]
+    if not isinstance(entry, dict) or entry.get("kind") != name:
+        raise CellP2PError(
+            f"{path}: the {name} entry is not a {name} network; use a checkpoint written by "
+            "'cellp2p train'"
+        )
+    return mode, build_from_entry(entry, path)
+
+
+def _records(ckpt: dict[str, Any], path: Any, out_channels: int) -> dict[str, Any]:
+    """Normalisations, target kind, classes, training config and record, checked."""
+    norms = _section(ckpt, "normalization", path)
+    data = _section(ckpt, "data", path)
+    if not isinstance(norms, dict) or not isinstance(data, dict):
+        raise CellP2PError(
+            f"{path}: normalisation or data record is damaged; use another checkpoint"
+        )
+    try:
+        target = norms.get("target")
+        out = {
+            "input_norm": _normalization(norms["input"]),
+            "target_norm": _normalization(target) if target else None,
+            "target_kind": str(data["target_kind"]),
+            "classes": [_int(c) for c in data.get("classes") or []],
+            "train_config": dict(ckpt.get("train_config") or {}),
+            "record": dict(ckpt.get("record") or {}),
+        }
+    except (KeyError, TypeError, ValueError) as err:
+        raise CellP2PError(
+            f"{path}: normalisation record is incomplete or damaged ({err}); "
+            "use a checkpoint written by 'cellp2p train'"
+        ) from None
+    kind = out["target_kind"]
+    if kind not in outputs.TARGET_KINDS or (kind == "image" and out["target_norm"] is None):
+        raise CellP2PError(f"{path}: unknown target kind {kind!r}; use another checkpoint")
+    if kind == "multiclass" and len(out["classes"]) != out_channels:
+        raise CellP2PError(
+            f"{path}: {len(out['classes'])} class values for {out_channels} outputs; "
+            "the checkpoint is damaged: use another one"
+        )
+    return out

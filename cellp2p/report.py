@@ -1,8 +1,10 @@
-"""``cellp2p compare``: several trained runs on the same held-out slices, as one report.
+"""``cellp2p compare``'s report: one list of sections, rendered as Markdown and as HTML.
 
-Writes ``report.md``, ``report.json`` and ``report.html`` (images inline) into ``out``, with
-``panels/*.png`` (input | target | each run | each run's error map, one PNG per slice and
-task/direction) and ``loss_curves.png`` (every run's losses and validation metrics overlaid).
+:func:`build_sections` turns report.json's content into sections (a title, then paragraphs,
+tables, bullet lists and images); :func:`to_markdown` and :func:`to_html` render that one list,
+so the two files cannot drift apart. :func:`write_report` writes ``report.md``, ``report.html``
+(images inline) and ``report.json`` into the report folder, next to ``panels/*.png`` and
+``loss_curves.png`` drawn by :mod:`cellp2p.figures`.
 """
 
 from __future__ import annotations
@@ -10,15 +12,16 @@ from __future__ import annotations
 import base64
 import html
 import math
-from collections.abc import Callable, Sequence
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from cellp2p.figures import ERROR_LEGEND
+from cellp2p.fsutil import write_json, write_text_atomic
 from cellp2p.scoring import NOT_RANKED, lower_is_better
 from cellp2p.slices import format_ranges
-
-Echo = Callable[[str], Any]
 
 SEG_SCORE_KEYS = ("dice_1", "pixel_error", "v_rand")  # the segmentability (FCN-score) columns
 RUN_COLUMNS = (
@@ -33,19 +36,47 @@ RUN_COLUMNS = (
 )
 
 
-# -- runs ---------------------------------------------------------------------------------------
+# -- sections ----------------------------------------------------------------------------------
 
 
-# -- data ---------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Table:
+    """A table of formatted cells; ``bold`` marks the best value of a column."""
+
+    header: Sequence[str]
+    rows: Sequence[Sequence[str]]
+    bold: Sequence[Sequence[bool]] | None = None
 
 
-# -- prediction and scoring ---------------------------------------------------------------------
+@dataclass(frozen=True)
+class Image:
+    """A PNG of the report folder (``path`` relative to it)."""
+
+    path: str
+    alt: str
 
 
-# -- figures ------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Bullets:
+    """A bullet list."""
+
+    items: Sequence[str]
 
 
-# -- tables -------------------------------------------------------------------------------------
+# A paragraph is a str; `backticks` mark file names and code in both renderings.
+Block = str | Table | Image | Bullets
+
+
+@dataclass(frozen=True)
+class Section:
+    """A heading (level 1 or 2) and the blocks under it, in order."""
+
+    title: str
+    blocks: Sequence[Block]
+    level: int = 2
+
+
+# -- tables ----------------------------------------------------------------------------------
 
 
 def _fmt(key: str, v: Any) -> str:
@@ -75,10 +106,8 @@ def _best(rows: Sequence[dict], key: str) -> float | None:
     return min(vals) if lower_is_better(key) else max(vals)
 
 
-def group_table(
-    group: dict, runs: dict[str, dict]
-) -> tuple[list[str], list[list[str]], list[list[bool]]]:
-    """Header, cells and 'best in column' flags of one task/direction group."""
+def group_table(group: dict, runs: dict[str, dict]) -> Table:
+    """The table of one task/direction group: run columns, metrics, best of each in bold."""
     rows = [runs[n] for n in group["runs"]]
     metric_keys: list[str] = []
     for r in rows:
@@ -110,48 +139,16 @@ def group_table(
             [False] * len(RUN_COLUMNS)
             + [best[k] is not None and v.get(k) == best[k] for k in metric_keys + seg_keys]
         )
-    return header, cells, bold
+    return Table(header, cells, bold)
 
 
-def _md_table(
-    header: Sequence[str],
-    cells: Sequence[Sequence[str]],
-    bold: Sequence[Sequence[bool]] | None = None,
-) -> str:
-    """A GitHub-flavoured markdown table."""
-    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
-    for i, row in enumerate(cells):
-        shown = [f"**{c}**" if bold and bold[i][j] else c for j, c in enumerate(row)]
-        lines.append("| " + " | ".join(shown) + " |")
-    return "\n".join(lines)
-
-
-def _html_table(
-    header: Sequence[str],
-    cells: Sequence[Sequence[str]],
-    bold: Sequence[Sequence[bool]] | None = None,
-) -> str:
-    """An HTML table."""
-    head = "".join(f"<th>{html.escape(h)}</th>" for h in header)
-    body = []
-    for i, row in enumerate(cells):
-        tds = "".join(
-            f"<td><b>{html.escape(c)}</b></td>"
-            if bold and bold[i][j]
-            else f"<td>{html.escape(c)}</td>"
-            for j, c in enumerate(row)
-        )
-        body.append(f"<tr>{tds}</tr>")
-    return f"<table><thead><tr>{head}</tr></thead><tbody>{''.join(body)}</tbody></table>"
-
-
-def _seg_table(seg: dict) -> tuple[list[str], list[list[str]]]:
+def _seg_table(seg: dict) -> Table:
     """Segmentability table: the segmenter on real images (ceiling), then on each run's images."""
     header = ["images", *SEG_SCORE_KEYS]
     rows = [["real (ceiling)", *(_fmt(k, seg["real"].get(k)) for k in SEG_SCORE_KEYS)]]
     for name, m in seg["runs"].items():
         rows.append([f"generated by {name}", *(_fmt(k, m.get(k)) for k in SEG_SCORE_KEYS)])
-    return header, rows
+    return Table(header, rows)
 
 
 GROUP_TITLES = {
@@ -167,7 +164,8 @@ NOTES = [
     "Segmentation: pixel_error at p > 0.5; dice/iou class 0 = membrane, 1 = cell interior; "
     "v_rand / v_info are the ISBI 2012 foreground-restricted scores, best over thresholds "
     "0.0-0.9 (split/merge parts at that threshold); ap_50 / ap_75 match cells at IoU 0.5 / 0.75. "
-    "A pix2pix segmentation run's output (G+1)/2 is taken as the interior probability.",
+    "A pix2pix segmentation run's output in [0, 1] ((G+1)/2 for tanh generators, G for sigmoid "
+    "ones) is taken as the interior probability.",
     "Translation: MAE and PSNR in the target's units (data range = its dtype's range), SSIM "
     "with an 11-pixel gaussian window.",
     "train time: time spent in optimizer steps (from the images/s in metrics.jsonl; validation "
@@ -175,43 +173,132 @@ NOTES = [
 ]
 
 
-def render_markdown(report: dict) -> str:
-    """report.md: settings, one table per task/direction, segmentability, figures."""
-    lines = [f"# {report['title']}", ""]
+def build_sections(report: dict) -> list[Section]:
+    """The report as sections: settings, one table per group, segmentability, notes, figures."""
     data = report["data"]
     src = f"manifest `{data['manifest']}`" if data.get("manifest") else f"`{data['volume']}`"
-    lines += [
+    intro = (
         f"Data: {src} (labels `{data['labels']}`); held-out slices "
         f"{format_ranges(report['slices'])} ({report['slices_from']}); "
-        f"checkpoint: {report['checkpoint']}.",
-        "",
-    ]
-    for g in report["groups"]:
-        header, cells, bold = group_table(g, report["runs"])
-        lines += [f"## {g['title']}", "", _md_table(header, cells, bold), ""]
-    for g in report["groups"]:
-        seg = g.get("segmentability")
-        if seg:
-            header, cells = _seg_table(seg)
-            lines += [
-                f"## Segmentability of generated images: {g['title']}",
-                "",
-                f"The segmenter `{seg['segmenter']}` (trained on real images) segments each "
-                "run's generated images; scores are against the labels the images were made "
-                "from (the pix2pix paper's FCN-score). The real images give the ceiling.",
-                "",
-                _md_table(header, cells),
-                "",
-            ]
-    lines += ["## Notes", ""] + [f"- {n}" for n in NOTES] + [""]
-    lines += ["## Loss curves", "", f"![loss curves]({report['files']['loss_curves']})", ""]
-    lines += ["## Slices", ""]
-    for g in report["groups"]:
-        lines.append(f"{g['title']}: {ERROR_LEGEND[g['task']]}.")
-        lines.append("")
-        for p in g["panels"]:
-            lines += [f"![{Path(p).stem}]({p})", ""]
+        f"checkpoint: {report['checkpoint']}."
+    )
+    sections = [Section(report["title"], [intro], level=1)]
+    groups = report["groups"]
+    sections += [Section(g["title"], [group_table(g, report["runs"])]) for g in groups]
+    sections += [_seg_section(g) for g in groups if g.get("segmentability")]
+    sections.append(Section("Notes", [Bullets(NOTES)]))
+    curves = report["files"]["loss_curves"]
+    sections.append(Section("Loss curves", [Image(curves, "loss curves")]))
+    slices: list[Block] = []
+    for g in groups:
+        slices.append(f"{g['title']}: {ERROR_LEGEND[g['task']]}.")
+        slices += [Image(p, Path(p).stem) for p in g["panels"]]
+    sections.append(Section("Slices", slices))
+    return sections
+
+
+def _seg_section(group: dict) -> Section:
+    """Segmentability of one group's generated images (the pix2pix paper's FCN-score)."""
+    seg = group["segmentability"]
+    text = (
+        f"The segmenter `{seg['segmenter']}` (trained on real images) segments each run's "
+        "generated images; scores are against the labels the images were made from (the "
+        "pix2pix paper's FCN-score). The real images give the ceiling."
+    )
+    return Section(f"Segmentability of generated images: {group['title']}", [text, _seg_table(seg)])
+
+
+# -- Markdown ----------------------------------------------------------------------------------
+
+
+def to_markdown(sections: Sequence[Section]) -> str:
+    """GitHub-flavoured Markdown of a section list."""
+    lines: list[str] = []
+    for sec in sections:
+        lines += [f"{'#' * sec.level} {sec.title}", ""]
+        for block in sec.blocks:
+            lines += [_md_block(block), ""]
     return "\n".join(lines)
+
+
+def _md_block(block: Block) -> str:
+    """One block in Markdown."""
+    if isinstance(block, Table):
+        return _md_table(block)
+    if isinstance(block, Image):
+        return f"![{block.alt}]({block.path})"
+    if isinstance(block, Bullets):
+        return "\n".join(f"- {item}" for item in block.items)
+    return block
+
+
+def _md_table(table: Table) -> str:
+    """A GitHub-flavoured Markdown table."""
+    header = table.header
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
+    for i, row in enumerate(table.rows):
+        shown = [f"**{c}**" if table.bold and table.bold[i][j] else c for j, c in enumerate(row)]
+        lines.append("| " + " | ".join(shown) + " |")
+    return "\n".join(lines)
+
+
+def render_markdown(report: dict) -> str:
+    """report.md."""
+    return to_markdown(build_sections(report))
+
+
+# -- HTML --------------------------------------------------------------------------------------
+
+STYLE = (
+    "body{font-family:sans-serif;margin:1.5em;max-width:100%}"
+    "table{border-collapse:collapse;font-size:13px;margin:0.5em 0 1.5em}"
+    "th,td{border:1px solid #ccc;padding:3px 6px;text-align:right;white-space:nowrap}"
+    "th{background:#f3f3f3}td:first-child,th:first-child{text-align:left}"
+    ".scroll{overflow-x:auto}img{max-width:100%;display:block;margin:0.5em 0}"
+)
+_CODE = re.compile(r"`([^`]*)`")
+
+
+def to_html(sections: Sequence[Section], out: Path) -> str:
+    """One self-contained HTML page of a section list (images of ``out`` inline)."""
+    title = html.escape(sections[0].title if sections else "cellp2p report")
+    parts = [
+        "<!doctype html><html><head><meta charset='utf-8'>",
+        f"<title>{title}</title><style>{STYLE}</style></head><body>",
+    ]
+    for sec in sections:
+        parts.append(f"<h{sec.level}>{_inline(sec.title)}</h{sec.level}>")
+        parts += [_html_block(block, out) for block in sec.blocks]
+    parts.append("</body></html>")
+    return "\n".join(parts)
+
+
+def _inline(text: str) -> str:
+    """Escaped text with `code` spans."""
+    return _CODE.sub(r"<code>\1</code>", html.escape(text))
+
+
+def _html_block(block: Block, out: Path) -> str:
+    """One block in HTML."""
+    if isinstance(block, Table):
+        return f"<div class='scroll'>{_html_table(block)}</div>"
+    if isinstance(block, Image):
+        return _img_tag(out / block.path, block.alt)
+    if isinstance(block, Bullets):
+        return "<ul>" + "".join(f"<li>{_inline(item)}</li>" for item in block.items) + "</ul>"
+    return f"<p>{_inline(block)}</p>"
+
+
+def _html_table(table: Table) -> str:
+    """An HTML table."""
+    head = "".join(f"<th>{html.escape(h)}</th>" for h in table.header)
+    body = []
+    for i, row in enumerate(table.rows):
+        cells = [html.escape(c) for c in row]
+        if table.bold:
+            cells = [f"<b>{c}</b>" if table.bold[i][j] else c for j, c in enumerate(cells)]
+        body.append("<tr>" + "".join(f"<td>{c}</td>" for c in cells) + "</tr>")
+    return f"<table><thead><tr>{head}</tr></thead><tbody>{''.join(body)}</tbody></table>"
 
 
 def _img_tag(path: Path, alt: str) -> str:
@@ -221,50 +308,12 @@ def _img_tag(path: Path, alt: str) -> str:
 
 
 def render_html(report: dict, out: Path) -> str:
-    """report.html: the markdown report's content with the figures inline."""
-    data = report["data"]
-    src = f"manifest {data['manifest']}" if data.get("manifest") else data["volume"]
-    parts = [
-        "<!doctype html><html><head><meta charset='utf-8'>",
-        f"<title>{html.escape(report['title'])}</title><style>",
-        "body{font-family:sans-serif;margin:1.5em;max-width:100%}"
-        "table{border-collapse:collapse;font-size:13px;margin:0.5em 0 1.5em}"
-        "th,td{border:1px solid #ccc;padding:3px 6px;text-align:right;white-space:nowrap}"
-        "th{background:#f3f3f3}td:first-child,th:first-child{text-align:left}"
-        ".scroll{overflow-x:auto}img{max-width:100%;display:block;margin:0.5em 0}",
-        "</style></head><body>",
-        f"<h1>{html.escape(report['title'])}</h1>",
-        f"<p>Data: {html.escape(src)} (labels {html.escape(data['labels'])}); held-out slices "
-        f"{format_ranges(report['slices'])} ({html.escape(report['slices_from'])}); checkpoint: "
-        f"{html.escape(report['checkpoint'])}.</p>",
-    ]
-    for g in report["groups"]:
-        header, cells, bold = group_table(g, report["runs"])
-        parts += [
-            f"<h2>{html.escape(g['title'])}</h2>",
-            f"<div class='scroll'>{_html_table(header, cells, bold)}</div>",
-        ]
-    for g in report["groups"]:
-        seg = g.get("segmentability")
-        if seg:
-            header, cells = _seg_table(seg)
-            parts += [
-                f"<h2>Segmentability of generated images: {html.escape(g['title'])}</h2>",
-                f"<p>The segmenter {html.escape(seg['segmenter'])} (trained on real images) "
-                "segments each run's generated images, scored against the labels they were made "
-                "from (the pix2pix paper's FCN-score); the real images give the ceiling.</p>",
-                _html_table(header, cells),
-            ]
-    parts.append(
-        "<h2>Notes</h2><ul>" + "".join(f"<li>{html.escape(n)}</li>" for n in NOTES) + "</ul>"
-    )
-    parts += ["<h2>Loss curves</h2>", _img_tag(out / report["files"]["loss_curves"], "loss curves")]
-    parts.append("<h2>Slices</h2>")
-    for g in report["groups"]:
-        parts.append(f"<p>{html.escape(g['title'])}: {html.escape(ERROR_LEGEND[g['task']])}.</p>")
-        parts += [_img_tag(out / p, Path(p).stem) for p in g["panels"]]
-    parts.append("</body></html>")
-    return "\n".join(parts)
+    """report.html: the same sections as report.md, with the figures inline."""
+    return to_html(build_sections(report), out)
 
 
-# -- compare ------------------------------------------------------------------------------------
+def write_report(report: dict, out: Path) -> None:
+    """report.md, report.html and report.json into ``out``, each written atomically."""
+    write_text_atomic(out / "report.md", render_markdown(report))
+    write_text_atomic(out / "report.html", render_html(report, out))
+    write_json(out / "report.json", report)

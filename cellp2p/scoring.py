@@ -12,11 +12,11 @@ import numpy as np
 from cellp2p.errors import CellP2PError
 from cellp2p.metrics import (
     DEFAULT_THRESHOLDS,
-    _best_scores,
-    _check_labels,
-    _detect_kind,
-    _same_shape,
     average_precision,
+    best_isbi_scores,
+    check_labels,
+    check_same_shape,
+    detect_kind,
     dice_iou,
     mae,
     pixel_error,
@@ -51,16 +51,16 @@ def _segment_slice(p: np.ndarray, t: np.ndarray, kind: str, target_is_labels: bo
     t_fg = t > 0
     row: dict[str, Any] = {"pixel_error": pixel_error(fg, t_fg)}
     row.update(dice_iou(fg.astype(np.uint8), t_fg.astype(np.uint8), num_classes=2))
-    gt_seg = _check_labels(t, "target") if target_is_labels else segments_from_binary(t_fg)
+    gt_seg = check_labels(t, "target") if target_is_labels else segments_from_binary(t_fg)
     if kind == "prob":
         cands = [(th, thin_boundaries(segments_from_binary(p > th))) for th in DEFAULT_THRESHOLDS]
     elif kind == "mask":
         cands = [(0.5, thin_boundaries(segments_from_binary(fg)))]
     else:
-        cands = [(0.5, thin_boundaries(_check_labels(p, "prediction")))]
-    row.update(_best_scores(cands, gt_seg))
+        cands = [(0.5, thin_boundaries(check_labels(p, "prediction")))]
+    row.update(best_isbi_scores(cands, gt_seg))
     # Instances for AP: labels as given, otherwise components of the foreground at 0.5.
-    pred_inst = _check_labels(p, "prediction") if kind == "labels" else segments_from_binary(fg)
+    pred_inst = check_labels(p, "prediction") if kind == "labels" else segments_from_binary(fg)
     row["ap_50"] = average_precision(pred_inst, gt_seg, 0.5)
     row["ap_75"] = average_precision(pred_inst, gt_seg, 0.75)
     return row
@@ -109,47 +109,79 @@ def evaluate_arrays(
     """
     if task not in ("segment", "translate"):
         raise CellP2PError(f"evaluate: task must be 'segment' or 'translate', got {task!r}")
+    pred, target, ids = _stacks(pred, target, slice_ids)
+    if task == "translate":
+        rng = _default_data_range(target) if data_range is None else float(data_range)
+        scores = [_translate_slice(p, t, rng) for p, t in zip(pred, target, strict=True)]
+    elif kind == "classes":
+        scores = [_classes_slice(p, t, num_classes) for p, t in zip(pred, target, strict=True)]
+    else:
+        kind = _segment_kind(pred, kind)
+        target_is_labels = target.dtype != bool and np.unique(target).size > 2
+        scores = [
+            _segment_slice(p, t, kind, target_is_labels) for p, t in zip(pred, target, strict=True)
+        ]
+    rows = [{"slice": sid, **row} for sid, row in zip(ids, scores, strict=True)]
+    keys = [k for k in rows[0] if k != "slice"] if rows else []
+    mean = {k: float(np.mean([r[k] for r in rows])) for k in keys}
+    return {"task": task, "per_slice": rows, "mean": mean}
+
+
+def _stacks(
+    pred: np.ndarray, target: np.ndarray, slice_ids: Sequence[int] | None
+) -> tuple[np.ndarray, np.ndarray, list[int]]:
+    """Prediction and target as (Z, Y, X) stacks of one shape, and one slice id per slice."""
     pred, target = np.asarray(pred), np.asarray(target)
     if pred.ndim == 2:
         pred, target = pred[None], target[None]  # a single slice is a stack of one
-    _same_shape(pred, target, "evaluate")
+    check_same_shape(pred, target, "evaluate")
     if pred.ndim != 3:  # pragma: no cover - callers pass single-channel stacks
         raise CellP2PError(f"evaluate: expected (Z, Y, X) stacks, got shape {pred.shape}")
     ids = list(range(pred.shape[0])) if slice_ids is None else [int(i) for i in slice_ids]
     if len(ids) != pred.shape[0]:
         raise CellP2PError(f"evaluate: {len(ids)} slice ids for a stack of {pred.shape[0]} slices")
+    return pred, target, ids
 
-    rows: list[dict[str, Any]] = []
-    if task == "segment" and kind == "classes":
-        for z, sid in enumerate(ids):
-            row = {"slice": sid, "pixel_error": pixel_error(pred[z], target[z])}
-            rows.append({**row, **dice_iou(pred[z], target[z], num_classes)})
-    elif task == "segment":
-        if kind == "auto":
-            kind = _detect_kind(pred)
-        if kind not in ("prob", "mask", "labels"):
-            raise CellP2PError(f"evaluate: kind must be auto, prob, mask or labels, got {kind!r}")
-        if kind == "prob" and (pred.min() < 0 or pred.max() > 1):
-            raise CellP2PError("evaluate: kind='prob' needs values in [0, 1]")
-        target_is_labels = target.dtype != bool and np.unique(target).size > 2
-        for z, sid in enumerate(ids):
-            rows.append(
-                {"slice": sid, **_segment_slice(pred[z], target[z], kind, target_is_labels)}
-            )
-    else:
-        rng = _default_data_range(target) if data_range is None else float(data_range)
-        for z, sid in enumerate(ids):
-            rows.append(
-                {
-                    "slice": sid,
-                    "mae": mae(pred[z], target[z]),
-                    "psnr": psnr(pred[z], target[z], rng),
-                    "ssim": ssim(pred[z], target[z], rng),
-                }
-            )
-    keys = [k for k in rows[0] if k != "slice"] if rows else []
-    mean = {k: float(np.mean([r[k] for r in rows])) for k in keys}
-    return {"task": task, "per_slice": rows, "mean": mean}
+
+def _segment_kind(pred: np.ndarray, kind: str) -> str:
+    """The prediction kind (``auto`` detected), checked against the values."""
+    if kind == "auto":
+        kind = detect_kind(pred)
+    if kind not in ("prob", "mask", "labels"):
+        raise CellP2PError(f"evaluate: kind must be auto, prob, mask or labels, got {kind!r}")
+    if kind == "prob" and (pred.min() < 0 or pred.max() > 1):
+        raise CellP2PError("evaluate: kind='prob' needs values in [0, 1]")
+    return kind
+
+
+def _classes_slice(p: np.ndarray, t: np.ndarray, num_classes: int) -> dict:
+    """Pixel error and per-class dice/iou of one slice of class indices."""
+    return {"pixel_error": pixel_error(p, t), **dice_iou(p, t, num_classes)}
+
+
+def _translate_slice(p: np.ndarray, t: np.ndarray, data_range: float) -> dict:
+    """MAE, PSNR and SSIM of one image slice."""
+    return {"mae": mae(p, t), "psnr": psnr(p, t, data_range), "ssim": ssim(p, t, data_range)}
+
+
+def score_probabilities(
+    prob: np.ndarray, target: np.ndarray, slice_ids: Sequence[int] | None = None
+) -> dict:
+    """:func:`evaluate_arrays` of foreground probabilities (Z, Y, X), clipped to [0, 1].
+
+    The clip only removes float error (a softmax or a blend may overshoot 1 by an ulp).
+    """
+    prob = np.clip(np.asarray(prob), 0.0, 1.0)
+    return evaluate_arrays(prob, target, "segment", kind="prob", slice_ids=slice_ids)
+
+
+def score_prediction(
+    pred: np.ndarray, target: np.ndarray, task: str, slice_ids: Sequence[int] | None = None
+) -> dict:
+    """A run's outputs against the truth: foreground probabilities (segment) or images."""
+    if task == "segment":
+        return score_probabilities(pred, target, slice_ids)
+    return evaluate_arrays(pred, target, "translate", slice_ids=slice_ids)
 
 
 def score_outputs(
@@ -164,7 +196,7 @@ def score_outputs(
     """
     if target_kind == "binary":
         prob = np.stack([foreground_prob(p, target_kind) for p in pred])
-        result = evaluate_arrays(np.clip(prob, 0, 1), target[:, 0], "segment", kind="prob")
+        result = score_probabilities(prob, target[:, 0])
     elif target_kind == "multiclass":
         result = evaluate_arrays(
             pred.argmax(1),

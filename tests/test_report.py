@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import numpy as np
@@ -15,6 +16,7 @@ from cellp2p.compare import compare, training_speed
 from cellp2p.config import TrainConfig
 from cellp2p.errors import CellP2PError
 from cellp2p.io import write_stack
+from cellp2p.report import Image, Table, build_sections, render_html, render_markdown
 from cellp2p.synth import make_em
 from cellp2p.train import train
 
@@ -152,3 +154,83 @@ def test_ablate_trains_six_variants_then_skips_them(em, tmp_path):
     with pytest.raises(CellP2PError, match="seed"):
         ablate(**kw, seed=1, quiet=True, echo=None)
     assert np.isfinite(data["runs"]["L1+cGAN"]["metrics"]["pixel_error"])
+
+
+def _fake_report(out: Path) -> dict:
+    """A report.json content with one segmentation group, a segmentability group and PNGs."""
+    from PIL import Image as PILImage
+
+    (out / "panels").mkdir(parents=True)
+    for name in ("loss_curves.png", "panels/1_slice_0004.png", "panels/2_slice_0004.png"):
+        PILImage.new("L", (2, 2)).save(out / name)
+    row = {"mode": "unet", "loss": "bcedice", "preset": "small", "parameters": 123456}
+    row |= {"steps": 2, "total_steps": 4, "train_time_s": 1.5, "images_per_s": 8.0}
+    return {
+        "title": "two <runs>",
+        "data": {"volume": "v.tif", "labels": "l.tif"},
+        "slices": [4, 5, 6],
+        "slices_from": "--slices",
+        "checkpoint": "last",
+        "groups": [
+            {
+                "task": "segment",
+                "direction": "AtoB",
+                "title": "Seg",
+                "runs": ["a", "b"],
+                "panels": ["panels/1_slice_0004.png"],
+            },
+            {
+                "task": "translate",
+                "direction": "BtoA",
+                "title": "Gen",
+                "runs": ["c"],
+                "panels": ["panels/2_slice_0004.png"],
+                "segmentability": {
+                    "segmenter": "a",
+                    "real": {"dice_1": 0.9},
+                    "runs": {"c": {"dice_1": 0.7}},
+                },
+            },
+        ],
+        "runs": {
+            "a": {**row, "run": "a", "metrics": {"pixel_error": 0.1, "dice_1": 0.8}},
+            "b": {**row, "run": "b", "metrics": {"pixel_error": 0.2, "dice_1": 0.9}},
+            "c": {**row, "run": "c", "metrics": {"mae": 3.0}, "segmentability": {"dice_1": 0.7}},
+        },
+        "files": {"loss_curves": "loss_curves.png"},
+    }
+
+
+def test_markdown_and_html_render_the_same_sections(tmp_path):
+    report = _fake_report(tmp_path)
+    sections = build_sections(report)
+    titles = [s.title for s in sections]
+    assert titles == [
+        "two <runs>",
+        "Seg",
+        "Gen",
+        "Segmentability of generated images: Gen",
+        "Notes",
+        "Loss curves",
+        "Slices",
+    ]
+    md, page = render_markdown(report), render_html(report, tmp_path)
+    assert re.findall(r"^#+ (.*)$", md, re.M) == titles
+    html_titles = re.findall(r"<h[12]>(.*?)</h[12]>", page)
+    assert [t.replace("&lt;", "<").replace("&gt;", ">") for t in html_titles] == titles
+    tables = [b for s in sections for b in s.blocks if isinstance(b, Table)]
+    assert (
+        len(tables) == 3
+        and len(re.findall(r"^\|(?:---\|)+$", md, re.M)) == 3
+        and page.count("<table>") == 3
+    )
+    for table in tables:  # every cell in both renderings
+        for cell in (c for row in table.rows for c in row):
+            assert f" {cell} " in md or f"**{cell}**" in md
+            assert f">{cell}<" in page
+    # The best of each metric column is bold in both; "2 of 4" shows an unfinished run.
+    assert "**0.1000**" in md and "<b>0.1000</b>" in page and "**0.9000**" in md
+    assert "| 2 of 4 |" in md and ">2 of 4<" in page
+    images = [b for s in sections for b in s.blocks if isinstance(b, Image)]
+    assert len(images) == 3 == md.count("![") == page.count("data:image/png;base64,")
+    assert "`v.tif`" in md and "<code>v.tif</code>" in page

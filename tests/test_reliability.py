@@ -36,50 +36,40 @@ from click.testing import CliRunner
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from cellp2p.checkpoint import copy_checkpoint, load_checkpoint, model_entry, save_checkpoint
+from cellp2p.checkpoint import FORMAT, copy_checkpoint, load_checkpoint, save_checkpoint
 from cellp2p.cli import main
 from cellp2p.errors import CellP2PError
 from cellp2p.io import StackReader, write_stack
-from cellp2p.models import build_model
-from cellp2p.normalization import Normalization
 
 REPO = Path(__file__).resolve().parents[1]
-UINT8 = Normalization("minmax", vmin=0.0, vmax=255.0, dtype="uint8")
 TRAIN_FAST = ["--max-steps", "1", "--crop", "32", "--batch-size", "1", "--quiet"]
 
 
 # -- helpers -----------------------------------------------------------------------------------
 
 
-def _payload(in_channels: int = 1, seed: int = 0) -> dict:
-    """A prediction-ready checkpoint payload of a tiny random segmentation U-Net."""
-    torch.manual_seed(seed)
-    net = build_model("unet", "small", in_channels, 1, depth=2, base=4)
-    return {
-        "mode": "unet",
-        "task": "segment",
-        "train_config": {"preset": "small", "crop": 32, "direction": "AtoB"},
-        "models": {"unet": model_entry(net)},
-        "normalization": {"input": UINT8.to_dict(), "target": None},
-        "data": {
-            "in_channels": in_channels,
-            "out_channels": 1,
-            "target_kind": "binary",
-            "classes": [0, 255],
-            "spacing": None,
-        },
-        "record": {"step": 1},
-    }
+# Every checkpoint here comes from a run that cellp2p.train.train made (tests/conftest.py): a
+# binary U-Net trained on the synthetic EM pair (seg_run) and one trained on a 3-channel version
+# of it (rgb_run). Damaged and hostile checkpoints start from seg_run's and are edited.
 
 
 @pytest.fixture(scope="module")
-def model(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return save_checkpoint(tmp_path_factory.mktemp("model") / "seg.pt", _payload())
+def model(seg_run) -> Path:
+    return seg_run.best
 
 
 @pytest.fixture(scope="module")
-def rgb_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return save_checkpoint(tmp_path_factory.mktemp("model") / "rgb.pt", _payload(3))
+def rgb_model(rgb_run) -> Path:
+    return rgb_run.best
+
+
+@pytest.fixture
+def payload(seg_run) -> dict:
+    """The payload train wrote to seg_run's last.pt (a fresh copy to edit)."""
+    ckpt = torch.load(seg_run.last, weights_only=True)
+    assert ckpt.pop("format") == FORMAT
+    ckpt.pop("version")
+    return ckpt
 
 
 def _run(*args: object):
@@ -324,7 +314,7 @@ def test_compare_invalid_options(tmp_path, check_cli_error, em_pair, model):
     assert not out.exists() or not any(out.iterdir())
 
 
-# Out-of-range numbers train.py's check_config refuses before anything is read or written.
+# Out-of-range numbers TrainConfig.validate refuses before anything is read or written.
 TRAIN_BAD_NUMBERS = {
     "negative-seed": ["--seed", "-1"],
     "huge-seed": ["--seed", str(2**70)],
@@ -478,7 +468,8 @@ def test_full_disk_keeps_the_old_file_when_overwriting(tmp_path, monkeypatch):
 def test_failure_while_finishing_a_stack_leaves_nothing(tmp_path, monkeypatch, where):
     if where == "close":  # the last pages are flushed when the writer closes
         monkeypatch.setattr(tifffile.TiffWriter, "close", _enospc)
-    else:
+    else:  # a new file is claimed by a hard link (a rename where links fail or to replace)
+        monkeypatch.setattr(os, "link", _enospc)
         monkeypatch.setattr(os, "replace", _enospc)
     final = tmp_path / "s.tif"
     with pytest.raises(CellP2PError, match="could not be written"):
@@ -554,12 +545,12 @@ class _Payload:
         return (os.system, (f"touch {self.marker}",))
 
 
-def _evil_checkpoints(d: Path) -> list[Path]:
+def _evil_checkpoints(d: Path, payload: dict) -> list[Path]:
     marker = d / "PWNED"
     zipped = d / "evil.pt"
     torch.save({"format": "cellp2p-checkpoint", "x": _Payload(marker)}, zipped)
     inside = d / "inside.pt"  # a valid checkpoint whose record hides the payload
-    torch.save({**_payload(), "format": "cellp2p-checkpoint", "record": _Payload(marker)}, inside)
+    torch.save({**payload, "format": "cellp2p-checkpoint", "record": _Payload(marker)}, inside)
     plain = d / "plain.pt"  # a bare pickle (not torch's zip format)
     import pickle
 
@@ -567,10 +558,12 @@ def _evil_checkpoints(d: Path) -> list[Path]:
     return [zipped, inside, plain]
 
 
-def test_pickle_payloads_are_refused_before_anything_runs(tmp_path, check_cli_error, em_pair):
+def test_pickle_payloads_are_refused_before_anything_runs(
+    tmp_path, check_cli_error, em_pair, payload
+):
     marker = tmp_path / "PWNED"
     vol, lab = em_pair.volume_path, em_pair.labels_path
-    for evil in _evil_checkpoints(tmp_path):
+    for evil in _evil_checkpoints(tmp_path, payload):
         line = check_cli_error(_run("predict", vol, "-m", evil, "-o", tmp_path / "p.tif"), evil)
         assert "refused" in line or "not a checkpoint" in line
         args = ["compare", evil, "--volume", vol, "--labels", lab, "--out", tmp_path / "c"]
@@ -585,12 +578,6 @@ def test_pickle_payloads_are_refused_before_anything_runs(tmp_path, check_cli_er
     line = check_cli_error(_run("predict", vol, "-m", tmp_path / "evil.pt", "-o", "p.tif"))
     assert "refused to load" in line and "posix.system" in line
     _no_output(tmp_path, tmp_path / "p.tif", tmp_path / "c" / "report.md")
-
-
-def _damaged(change) -> dict:
-    payload = _payload()
-    change(payload)
-    return payload
 
 
 def _config(**kw):
@@ -622,9 +609,11 @@ DAMAGED_CHECKPOINTS = {
 
 
 @pytest.mark.parametrize("change", DAMAGED_CHECKPOINTS.values(), ids=DAMAGED_CHECKPOINTS.keys())
-def test_damaged_or_hostile_checkpoint_contents(tmp_path, check_cli_error, em_pair, change):
+def test_damaged_or_hostile_checkpoint_contents(
+    tmp_path, check_cli_error, em_pair, payload, change
+):
     path = tmp_path / "bad.pt"
-    payload = _damaged(change)
+    change(payload)
     extra = {k: payload.pop(k) for k in ("version",) if k in payload}
     torch.save({"format": "cellp2p-checkpoint", "version": 1, **payload, **extra}, path)
     t0 = time.monotonic()
@@ -815,8 +804,8 @@ def test_sigkill_during_synth_leaves_no_stack(tmp_path):
     assert not (out / "volume.tif").exists() and not (out / "labels.tif").exists()
 
 
-def test_sigkill_while_saving_a_checkpoint_keeps_the_previous_one(tmp_path):
-    path = save_checkpoint(tmp_path / "last.pt", {**_payload(), "step": 5})
+def test_sigkill_while_saving_a_checkpoint_keeps_the_previous_one(tmp_path, payload):
+    path = save_checkpoint(tmp_path / "last.pt", {**payload, "step": 5})
     code = """
     import sys, time
     from pathlib import Path
@@ -839,15 +828,15 @@ def test_sigkill_while_saving_a_checkpoint_keeps_the_previous_one(tmp_path):
     assert load_checkpoint(path)["step"] == 5
 
 
-def test_best_checkpoint_is_an_independent_copy(tmp_path, monkeypatch):
-    last = save_checkpoint(tmp_path / "last.pt", {**_payload(), "step": 5})
-    best = copy_checkpoint(last, tmp_path / "best.pt", {**_payload(), "step": 5})
+def test_best_checkpoint_is_an_independent_copy(tmp_path, monkeypatch, payload):
+    last = save_checkpoint(tmp_path / "last.pt", {**payload, "step": 5})
+    best = copy_checkpoint(last, tmp_path / "best.pt", {**payload, "step": 5})
     assert load_checkpoint(best)["step"] == 5 and not os.path.samefile(last, best)
     last.write_bytes(b"damaged in place")  # an in-place edit of last.pt leaves best.pt alone
     assert load_checkpoint(best)["step"] == 5
     # Where the copy fails (say, a file system without it), the payload is saved instead.
     monkeypatch.setattr("shutil.copyfile", _raise(OSError(errno.EXDEV, "Invalid link")))
-    best = copy_checkpoint(last, tmp_path / "best.pt", {**_payload(), "step": 6})
+    best = copy_checkpoint(last, tmp_path / "best.pt", {**payload, "step": 6})
     assert load_checkpoint(best)["step"] == 6
     assert sorted(p.name for p in tmp_path.iterdir()) == ["best.pt", "last.pt"]
 

@@ -411,14 +411,23 @@ def _read_2d(path: Path) -> np.ndarray:
     return arr
 
 
-def open_stack(path: str | Path) -> StackReader:
-    """Open a stack for slice-by-slice reading (use as a context manager)."""
+def open_stack(path: str | Path, level: int = 0) -> StackReader:
+    """Open a stack or a chunked store for slice-by-slice reading (use as a context manager).
+
+    OME-Zarr, zarr and HDF5 (``file.h5:/dataset``) go to :class:`cellp2p.stores.StoreReader`
+    (same interface, read lazily chunk by chunk, ``level`` a pyramid level); anything else to
+    :class:`StackReader`.
+    """
+    from cellp2p.stores import StoreReader, is_store  # is_store is path logic only
+
+    if is_store(path):
+        return StoreReader(path, level=level)  # type: ignore[return-value]
     return StackReader(path)
 
 
-def read_stack(path: str | Path, slices: Sequence[int] | None = None) -> Stack:
+def read_stack(path: str | Path, slices: Sequence[int] | None = None, level: int = 0) -> Stack:
     """Read a whole stack (or the listed slices) into memory."""
-    with StackReader(path) as reader:
+    with open_stack(path, level=level) as reader:
         data = reader.read(slices)
         return Stack(data=data, spacing=reader.spacing, unit=reader.unit, path=Path(path))
 

@@ -233,58 +233,172 @@ def make_em(slices: int, shape: tuple[int, int], seed: int = 0) -> tuple[np.ndar
     return volume, labels
 
 
+# Nuclei (DSB 2018-like fluorescence): mean radius 6-22 px, clusters of touching nuclei.
+_NUC_AREA = 1450.0  # px of slice per nucleus: ~40 in a 256^2 slice, ~18% foreground
+_NUC_DEPTH = 4.0  # slices one nucleus shows in, on average
+_NUC_ATTACH = 0.6  # chance that a nucleus grows a cluster: placed touching an earlier one
+_NUC_CORE = 0.8  # no nucleus centre lies deeper than this (in shape units) inside another
+
+
+def _radius_along(s: dict, theta: float) -> float:
+    """The radius of a nucleus's ellipse (without its wobble) in the direction theta."""
+    c, sn = np.cos(theta - s["angle"]), np.sin(theta - s["angle"])
+    return float(1.0 / np.hypot(c / s["ry"], sn / s["rx"]))
+
+
+def _nucleus(
+    rng: np.random.Generator,
+    centres: list[np.ndarray],
+    shapes: list[dict],
+    dims: tuple[int, int, int],
+) -> tuple[np.ndarray, dict]:
+    """Random centre (z, y, x) and shape parameters of the next nucleus."""
+    slices, h, w = dims
+    r = float(np.clip(np.exp(rng.normal(np.log(11.0), 0.3)), 6.0, 22.0))
+    aspect = rng.uniform(1.0, 1.6)
+    shape = {
+        "ry": r * np.sqrt(aspect),
+        "rx": r / np.sqrt(aspect),
+        "rz": rng.uniform(1.5, 3.5),
+        "angle": rng.uniform(0, np.pi),
+        "amps": np.clip(rng.normal(0.0, 0.035, 3), -0.07, 0.07),  # harmonics 2-4: irregular
+        "phases": rng.uniform(0, 2 * np.pi, 3),
+    }
+    if centres and rng.uniform() < _NUC_ATTACH:  # touch a random earlier nucleus
+        k = int(rng.integers(len(centres)))
+        theta = rng.uniform(0, 2 * np.pi)
+        # Centres 85-100% of the two radii along the line apart: they overlap a little, and
+        # the shared border is shorter than either nucleus is wide (a visible waist).
+        reach = _radius_along(shapes[k], theta) + _radius_along(shape, theta)
+        dist = rng.uniform(0.85, 1.0) * reach
+        step = np.array([rng.normal(0.0, 0.5), dist * np.sin(theta), dist * np.cos(theta)])
+        centre = centres[k] + step
+    else:
+        # z also above and below the stack, so its edge slices are as full as the others.
+        centre = rng.uniform((-2.0, 0, 0), (slices + 1.0, h, w))
+    return centre, shape
+
+
+def _shape_units(
+    centre: np.ndarray, s: dict, z: np.ndarray, y: np.ndarray, x: np.ndarray
+) -> np.ndarray:
+    """Shape distance q of points to a nucleus: < 1 inside, 0 at the centre (broadcasts)."""
+    dz, dy, dx = z - centre[0], y - centre[1], x - centre[2]
+    c, sn = np.cos(s["angle"]), np.sin(s["angle"])
+    u, v = (c * dy + sn * dx) / s["ry"], (-sn * dy + c * dx) / s["rx"]
+    theta = np.arctan2(v, u)
+    wobble = 1.0
+    for k, (a, p) in enumerate(zip(s["amps"], s["phases"], strict=True), start=2):
+        wobble = wobble + a * np.cos(k * theta + p)
+    # Flat-topped along z (|dz|^4): sections stay near full size, then stop, like real nuclei.
+    return np.sqrt(u * u + v * v) / wobble + (dz / s["rz"]) ** 4
+
+
+def _place_nuclei(
+    rng: np.random.Generator, dims: tuple[int, int, int]
+) -> tuple[np.ndarray, np.ndarray]:
+    """Instance labels (uint16) and shape distance q (float32, 1 outside) of clustered nuclei.
+
+    Overlapping candidates share space: each voxel goes to the nucleus it is deepest inside
+    (smallest q), so touching nuclei meet along a shared border without a gap.
+    """
+    slices, h, w = dims
+    labels = np.zeros(dims, dtype=np.uint16)
+    best = np.ones(dims, dtype=np.float32)
+    target = max(1, int(rng.poisson(h * w / _NUC_AREA * max(1.0, slices / _NUC_DEPTH))))
+    centres: list[np.ndarray] = []
+    shapes: list[dict] = []
+    tries = 0
+    while len(centres) < min(target, 65535) and tries < max(4 * target, 100):
+        tries += 1
+        centre, s = _nucleus(rng, centres, shapes, dims)
+        iz, iy, ix = (int(np.clip(round(c), 0, n - 1)) for c, n in zip(centre, dims, strict=True))
+        if not (0 <= centre[1] < h and 0 <= centre[2] < w) or best[iz, iy, ix] < _NUC_CORE:
+            continue  # off the slice, or deep inside an earlier nucleus
+        if centres:
+            cz, cy, cx = np.asarray(centres).T
+            if np.any(_shape_units(centre, s, cz, cy, cx) < _NUC_CORE):
+                continue  # would swallow an earlier nucleus's centre
+        R = int(np.ceil(max(s["ry"], s["rx"]) * 1.1)) + 1
+        rz = int(np.ceil(s["rz"])) + 1
+        lo = [max(int(c) - e, 0) for c, e in zip(centre, (rz, R, R), strict=True)]
+        hi = [min(int(c) + e + 1, n) for c, e, n in zip(centre, (rz, R, R), dims, strict=True)]
+        if any(a >= b for a, b in zip(lo, hi, strict=True)):
+            continue
+        z, y, x = (np.arange(a, b, dtype=np.float32) for a, b in zip(lo, hi, strict=True))
+        q = _shape_units(centre, s, z[:, None, None], y[None, :, None], x[None, None, :])
+        box = (slice(lo[0], hi[0]), slice(lo[1], hi[1]), slice(lo[2], hi[2]))
+        win = q < best[box]
+        if not win.any():
+            continue
+        centres.append(centre)
+        shapes.append(s)
+        labels[box][win] = len(centres)
+        best[box][win] = q[win]
+    _mend_fragments(labels)
+    lut = np.zeros(len(centres) + 1, dtype=np.uint16)  # 1..N again if one vanished
+    kept = np.unique(labels[labels > 0])
+    lut[kept] = np.arange(1, kept.size + 1)
+    return lut[labels], best
+
+
+def _mend_fragments(labels: np.ndarray) -> None:
+    """Give every piece of a nucleus cut off from its main part (per slice) to a neighbour."""
+    from skimage.measure import label
+
+    for z in range(labels.shape[0]):
+        lab = labels[z]
+        comps, n = label(lab, background=0, connectivity=1, return_num=True)
+        ids = np.unique(lab[lab > 0])
+        if n == ids.size:
+            continue
+        sizes = np.bincount(comps.ravel())
+        owner = np.zeros(n + 1, dtype=np.int64)
+        owner[comps.ravel()] = lab.ravel()
+        for c in range(1, n + 1):
+            same = np.flatnonzero(owner == owner[c])
+            if c == same[np.argmax(sizes[same])]:
+                continue  # the largest piece keeps the id
+            piece = comps == c
+            ring = ndi.binary_dilation(piece) & ~piece
+            around = lab[ring]
+            around = around[(around > 0) & (around != owner[c])]
+            lab[piece] = np.bincount(around).argmax() if around.size else 0
+
+
 def make_nuclei(
     slices: int, shape: tuple[int, int], seed: int = 0
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Fluorescence-like nuclei (uint16) and their instance labels (uint16, 0 = background)."""
-    slices, shape = _check_dims(slices, shape)
-    h, w = shape
-    rng = np.random.default_rng(_check_seed(seed))
-    labels = np.zeros((slices, h, w), dtype=np.uint16)
-    # Nuclei 5-11 um across at 0.2 um/px in-plane, 1 um between slices: about one per
-    # 2000 px of slice area per 8 slices of depth, so some 20-30% of voxels are nuclei.
-    target = max(1, int(rng.poisson(h * w / 2000.0 * max(1.0, slices / 8.0))))
-    count, tries = 0, 0
-    while count < target and tries < max(5 * target, 100) and count < 65535:
-        tries += 1
-        ry, rx = rng.uniform(12, 28), rng.uniform(12, 28)
-        rz = rng.uniform(2.5, 5.5)
-        cy, cx, cz = rng.uniform(0, h), rng.uniform(0, w), rng.uniform(0, max(slices - 1, 0) + 1e-6)
-        ang = rng.uniform(0, np.pi)
-        if labels[int(cz), min(int(cy), h - 1), min(int(cx), w - 1)]:
-            continue  # centre already taken: a cheap early rejection
-        r = int(np.ceil(max(ry, rx)))
-        y0, y1 = max(int(cy) - r, 0), min(int(cy) + r + 1, h)
-        x0, x1 = max(int(cx) - r, 0), min(int(cx) + r + 1, w)
-        z0, z1 = max(int(np.ceil(cz - rz)), 0), min(int(np.floor(cz + rz)) + 1, slices)
-        dz = np.arange(z0, z1, dtype=np.float32)[:, None, None] - cz
-        dy = np.arange(y0, y1, dtype=np.float32)[None, :, None] - cy
-        dx = np.arange(x0, x1, dtype=np.float32)[None, None, :] - cx
-        c, s = np.cos(ang), np.sin(ang)
-        u, v = (c * dy + s * dx) / ry, (-s * dy + c * dx) / rx
-        inside = u * u + v * v + (dz / rz) ** 2 <= 1.0
-        if not inside.any():
-            continue
-        box = labels[z0:z1, y0:y1, x0:x1]
-        # Nuclei do not overlap: reject a candidate touching an existing one (the first
-        # always fits, so every stack has at least one nucleus).
-        if (box[inside] > 0).any():
-            continue
-        count += 1
-        box[inside] = count
+    """Fluorescence-like nuclei (uint16) and their instance labels (uint16, 0 = background).
 
-    # Brightness varies per nucleus (DNA content, staining); chromatin gives texture.
-    bright = np.concatenate([[0.0], rng.uniform(400.0, 3000.0, count)]).astype(np.float32)
-    signal = bright[labels]
+    As in DSB 2018: nuclei of varied size, elongation, orientation, outline and brightness,
+    many in clusters of touching nuclei (sharing a border, no gap), on an uneven background.
+    Nuclei are 3D (a few slices deep); ids are numbered 1..N over the stack.
+    """
+    slices, shape = _check_dims(slices, shape)
+    rng = np.random.default_rng(_check_seed(seed))
+    labels, q = _place_nuclei(rng, (slices, *shape))
+    count = int(labels.max())
+    # Brightness varies per nucleus (DNA content, staining), log-normally; chromatin texture;
+    # a dome profile, dimmer at the rim, leaves a faint dip where touching nuclei meet.
+    bright = np.exp(rng.normal(np.log(1200.0), 0.5, count + 1)).astype(np.float32)
+    bright[0] = 0.0
+    profile = np.where(labels > 0, 1.0 - 0.4 * np.minimum(q, 1.0) ** 2, 0.0)
     chromatin = 1.0 + 0.25 * _smooth_volume(rng, slices, shape, step=4, sigma_z=0.7)
-    signal *= np.clip(chromatin, 0.3, None)
-    # Optical blur is wider along z, where the point-spread function is elongated.
-    signal = ndi.gaussian_filter(signal, (0.6, 1.5, 1.5))
-    # Camera offset plus smooth out-of-focus haze.
+    signal = bright[labels] * profile * np.clip(chromatin, 0.3, None)
+    # Optical blur, wider along z (elongated point-spread function), and out-of-focus glow.
+    signal = ndi.gaussian_filter(signal.astype(np.float32), (0.6, 1.5, 1.5))
+    signal += 0.12 * ndi.uniform_filter(signal, (1, 15, 15))
+    # Camera offset, smooth haze and an illumination gradient across the field.
     haze = _smooth_volume(rng, slices, shape, step=64, sigma_z=3.0)
-    background = 100.0 + 30.0 * np.exp(0.5 * haze)
-    photons = rng.poisson(np.maximum(signal + background, 0.0)).astype(np.float32)
-    photons += rng.normal(0.0, 6.0, size=photons.shape).astype(np.float32)  # camera read noise
+    yy, xx = np.mgrid[0 : shape[0], 0 : shape[1]].astype(np.float32)
+    ang = rng.uniform(0, 2 * np.pi)
+    ramp = (np.cos(ang) * yy + np.sin(ang) * xx) / max(shape)
+    background = 100.0 + 30.0 * np.exp(0.5 * haze) + 60.0 * (ramp - ramp.min())
+    illum = 1.0 + 0.3 * (ramp - ramp.mean())  # vignetting: the signal dims across the field
+    # Shot noise (Gaussian: >= 100 photons a pixel) plus the camera's read noise (6 e-).
+    mean = np.maximum(signal * illum + background, 0.0)
+    photons = mean + np.sqrt(mean + 36.0) * rng.standard_normal(mean.shape, dtype=np.float32)
     volume = np.clip(np.round(photons), 0, 65535).astype(np.uint16)
     return volume, labels
 

@@ -120,3 +120,81 @@ def test_synth_refuses_bad_seed_and_huge_sizes_before_writing(tmp_path, kwargs, 
     with pytest.raises(CellP2PError, match=match):
         synth(**args)
     assert not (tmp_path / "d").exists()
+
+
+# -- realistic nuclei (DSB 2018-like): clusters, touching, varied ---------------------------------
+
+
+@pytest.fixture(scope="module")
+def nuclei() -> tuple[np.ndarray, np.ndarray]:
+    return make_nuclei(8, (256, 256), seed=0)
+
+
+def _touching_pairs(lab: np.ndarray) -> set[tuple[int, int]]:
+    """Pairs of different objects that are 4-neighbours somewhere (a shared border)."""
+    pairs: set[tuple[int, int]] = set()
+    for a, b in ((lab[:, 1:], lab[:, :-1]), (lab[1:], lab[:-1])):
+        m = (a > 0) & (b > 0) & (a != b)
+        for p, q in zip(a[m].tolist(), b[m].tolist(), strict=True):
+            pairs.add((min(p, q), max(p, q)))
+    return pairs
+
+
+def test_nuclei_touch_in_clusters_without_gaps(nuclei) -> None:
+    from scipy import ndimage as ndi
+
+    _, labels = nuclei
+    four = ndi.generate_binary_structure(2, 1)
+    touching = objects = clusters = 0
+    for lab in labels:
+        touching += len(_touching_pairs(lab))
+        objects += len(np.unique(lab)) - 1
+        clusters += ndi.label(lab > 0, structure=four)[1]
+    assert touching >= 100  # measured: 157 pairs over the 8 slices
+    assert clusters < 0.7 * objects  # connected components merge many nuclei (measured: 0.58)
+
+
+def test_nuclei_each_section_is_one_piece(nuclei) -> None:
+    from skimage.measure import label
+
+    _, labels = nuclei
+    assert labels.dtype == np.uint16
+    for lab in labels:
+        # Labelling the id image splits only an id whose section is in several pieces.
+        assert label(lab, background=0, connectivity=1).max() == len(np.unique(lab)) - 1
+
+
+def test_nuclei_vary_in_size_shape_and_brightness(nuclei) -> None:
+    from skimage.measure import regionprops
+
+    volume, labels = nuclei
+    props = [
+        p
+        for lab, img in zip(labels, volume, strict=True)
+        for p in regionprops(lab, intensity_image=img)
+        if p.area >= 50
+    ]
+    areas = np.array([p.area for p in props])
+    ecc = np.array([p.eccentricity for p in props])
+    orient = np.array([p.orientation for p in props])
+    bright = np.array([p.intensity_mean for p in props])
+    assert areas.max() > 2 * np.median(areas) and areas.std() / areas.mean() > 0.3
+    assert ecc.min() < 0.5 and ecc.max() > 0.8  # round ones and elongated ones
+    assert orient.std() > 0.6  # all orientations
+    assert bright.std() / bright.mean() > 0.25
+
+
+def test_nuclei_background_is_uneven(nuclei) -> None:
+    volume, labels = nuclei
+    back = np.where(labels == 0, volume.astype(np.float32), np.nan)
+    quarters = [np.nanmean(back[:, y : y + 128, x : x + 128]) for y in (0, 128) for x in (0, 128)]
+    assert max(quarters) - min(quarters) > 10  # a gradient/haze, not a flat offset
+    assert np.nanstd(back) > 10  # plus noise
+
+
+def test_nuclei_fast() -> None:
+    import time
+
+    start = time.process_time()
+    make_nuclei(8, (256, 256), seed=3)
+    assert time.process_time() - start < 2.0  # ~0.1 s of CPU on an idle core

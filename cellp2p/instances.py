@@ -1,0 +1,577 @@
+"""Objects, not pixels: instance labels in, targets that teach separation, seeded watershed out.
+
+Pure numpy functions on 2D slices (stacks slice by slice where noted): labels in
+(:func:`label_kind`, :func:`relabel`, :func:`objects_from_binary`), targets
+(:func:`boundary_targets`, :func:`separated_foreground`, :func:`border_weight_map`), instances
+out (:func:`watershed_instances`, :func:`tune_postprocessing`) and scores
+(:func:`match_instances`, :func:`average_precision`, :func:`mean_average_precision`).
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+from scipy import ndimage as ndi
+from scipy.optimize import linear_sum_assignment
+
+from cellp2p.errors import CellP2PError
+
+IOU_THRESHOLDS: tuple[float, ...] = tuple(round(0.5 + 0.05 * k, 2) for k in range(10))
+# Post-processing defaults and tuning grids, nuclei and dense membranes (sweeps: the notes).
+NUCLEI_DEFAULTS: dict[str, Any] = {"threshold": 0.5, "min_distance": 4, "h": 0.5, "min_size": 16}
+DENSE_DEFAULTS: dict[str, Any] = {"threshold": 0.8, "min_distance": 0, "h": 0.0, "min_size": 25}
+NUCLEI_GRID: dict[str, tuple] = {
+    "threshold": (0.5, 0.3, 0.4, 0.6, 0.7),
+    "min_distance": (4, 2),
+    "h": (0.5, 0.25, 1.0, 2.0),
+    "min_size": (16, 0, 32),
+}
+DENSE_GRID: dict[str, tuple] = {
+    "threshold": (0.8, 0.5, 0.6, 0.7, 0.9),
+    "min_distance": (0,),
+    "h": (0.0, 4.0, 8.0),
+    "min_size": (25, 0, 100),
+}
+_FOUR = ndi.generate_binary_structure(2, 1)
+
+
+# -- labels in ----------------------------------------------------------------------------------
+
+
+def label_dtype(count: int) -> np.dtype:
+    """uint16 for up to 65,535 objects, uint32 beyond (as ``--output labels`` writes them)."""
+    if count > np.iinfo(np.uint32).max:
+        raise CellP2PError(f"{count} objects do not fit uint32 label images; split the image")
+    return np.dtype(np.uint16 if count <= np.iinfo(np.uint16).max else np.uint32)
+
+
+def label_kind(labels: np.ndarray, *, dtype: Any = np.uint32, name: str = "labels") -> str:
+    """``"binary"`` (bool or at most two values) or ``"instances"`` (more), checked.
+
+    Instance ids must be whole and >= 0 (0 = background), and no more than ``dtype`` can
+    number; each problem is one :class:`CellP2PError`. Binary images are not checked here.
+    """
+    a = np.asarray(labels)
+    if a.dtype == bool:
+        return "binary"
+    if not (np.issubdtype(a.dtype, np.integer) or np.issubdtype(a.dtype, np.floating)):
+        raise CellP2PError(f"{name}: dtype {a.dtype} is not a label image; save it as uint16")
+    if np.issubdtype(a.dtype, np.floating) and not np.all(np.isfinite(a)):
+        raise CellP2PError(f"{name}: NaN or inf in the labels; label images hold whole ids")
+    values = np.unique(a)
+    if values.size <= 2:
+        return "binary"
+    frac = values[values != np.round(values)]
+    if frac.size:
+        raise CellP2PError(
+            f"{name}: non-integer label value {frac[0]:g} ({a.dtype}); save instance ids "
+            "as an integer image (uint16), or round them"
+        )
+    if values[0] < 0:
+        raise CellP2PError(
+            f"{name}: negative label id {values[0]:g}; instance ids are >= 0 (0 = background): "
+            "relabel them (e.g. skimage.segmentation.relabel_sequential)"
+        )
+    count = int(values.size - (values[0] == 0))
+    top = int(np.iinfo(dtype).max)
+    if count > top:
+        raise CellP2PError(
+            f"{name}: {count} instances do not fit {np.dtype(dtype).name} (at most {top}); "
+            "use uint32 labels or split the image into smaller tiles"
+        )
+    return "instances"
+
+
+def relabel(labels: np.ndarray) -> np.ndarray:
+    """Ids renumbered 1..N in order of value (0 stays background), uint16 or uint32."""
+    a = np.asarray(labels)
+    ids, inverse = np.unique(a, return_inverse=True)
+    if ids.size and ids[0] != 0:
+        inverse = inverse + 1  # no background: every id moves up one
+    count = int(ids.size - (ids.size > 0 and ids[0] == 0))
+    return inverse.reshape(a.shape).astype(label_dtype(count))
+
+
+def objects_from_binary(mask: np.ndarray) -> np.ndarray:
+    """Objects of a binary mask (> 0 = cell interior): 4-connected components, per 2D slice."""
+    lab = _per_slice(lambda s: ndi.label(s > 0, structure=_FOUR)[0], mask, np.uint32)
+    return lab.astype(label_dtype(int(lab.max(initial=0))))
+
+
+def looks_dense(labels: np.ndarray) -> bool:
+    """Membrane data (cells fill the slice, ISBI-style): binary labels, >= 50% foreground."""
+    a = np.asarray(labels)
+    return label_kind(a) == "binary" and a.size > 0 and float(np.mean(a > 0)) >= 0.5
+
+
+# -- training targets ---------------------------------------------------------------------------
+
+
+def _per_slice(fn: Callable[[np.ndarray], np.ndarray], a: np.ndarray, dtype: Any) -> np.ndarray:
+    """``fn`` applied to each 2D slice of ``a`` (2D or more), stacked back."""
+    a = np.asarray(a)
+    if a.ndim < 2:
+        raise CellP2PError(f"expected a 2D slice or a stack of slices, got shape {a.shape}")
+    flat = a.reshape(-1, *a.shape[-2:])
+    return np.stack([fn(s).astype(dtype) for s in flat]).reshape(a.shape)
+
+
+def _edge(lab: np.ndarray, with_background: bool) -> np.ndarray:
+    """Object pixels with a 4-neighbour of another id (another object, or also background)."""
+    pad = np.pad(lab, 1, mode="edge")  # the frame is no edge
+    out = np.zeros(lab.shape, dtype=bool)
+    for nb in (pad[:-2, 1:-1], pad[2:, 1:-1], pad[1:-1, :-2], pad[1:-1, 2:]):
+        out |= (nb != lab) & ((nb > 0) | with_background)
+    return out & (lab > 0)
+
+
+def boundary_targets(instances: np.ndarray) -> np.ndarray:
+    """Three classes, uint8: 0 background, 1 interior, 2 boundary (per 2D slice).
+
+    The boundary is one pixel wide inside each object: the object pixels with a 4-neighbour
+    that is background or another object, so two touching objects are parted by 2 px of
+    boundary and an object meets background through 1 px. The image frame is not a boundary.
+    Objects under 3 px across are all boundary (no interior).
+    """
+
+    def one(lab: np.ndarray) -> np.ndarray:
+        """The classes of one slice."""
+        return np.where(_edge(lab, True), 2, (lab > 0).astype(np.uint8))
+
+    return _per_slice(one, instances, np.uint8)
+
+
+def separated_foreground(instances: np.ndarray) -> np.ndarray:
+    """Foreground minus the pixels that touch another object (per 2D slice), bool.
+
+    Touching objects then have a 2 px gap between them: the binary target that, with
+    :func:`border_weight_map`, teaches a network to part them.
+    """
+    return _per_slice(lambda lab: (lab > 0) & ~_edge(lab, False), instances, bool)
+
+
+def border_reach(w0: float, sigma: float, tol: float = 1e-3) -> int:
+    """Distance R beyond which w0·exp(−(d1 + d2)² / 2σ²) < tol, since d1 + d2 > R there."""
+    if w0 <= tol:
+        return 0
+    return int(np.ceil(sigma * np.sqrt(2.0 * np.log(w0 / tol))))
+
+
+def _two_nearest(lab: np.ndarray, reach: int) -> tuple[np.ndarray, np.ndarray]:
+    """Distances to the nearest and second-nearest object, exact up to ``reach`` (else inf).
+
+    One EDT per object on its bounding box grown by ``reach`` (exact there; beyond, farther
+    than ``reach``): cost sum over objects of (height + 2R)(width + 2R), not objects x pixels.
+    """
+    d1 = np.full(lab.shape, np.inf, dtype=np.float32)
+    d2 = np.full(lab.shape, np.inf, dtype=np.float32)
+    for i, box in enumerate(ndi.find_objects(lab), start=1):
+        if box is None:
+            continue
+        win = tuple(
+            slice(max(s.start - reach, 0), min(s.stop + reach, n))
+            for s, n in zip(box, lab.shape, strict=True)
+        )
+        d = ndi.distance_transform_edt(lab[win] != i).astype(np.float32)
+        a, b = d1[win], d2[win]
+        b[...] = np.minimum(b, np.maximum(a, d))
+        a[...] = np.minimum(a, d)
+    return d1, d2
+
+
+def class_weights(foreground: np.ndarray) -> np.ndarray:
+    """w_c: N / (K · N_c) for the K classes present (mean 1 over the slice), float32."""
+    fg = np.asarray(foreground, dtype=bool)
+    n_fg = int(np.count_nonzero(fg))
+    n_bg = fg.size - n_fg
+    if n_fg == 0 or n_bg == 0:
+        return np.ones(fg.shape, dtype=np.float32)
+    return np.where(fg, fg.size / (2.0 * n_fg), fg.size / (2.0 * n_bg)).astype(np.float32)
+
+
+def border_weight_map(
+    instances: np.ndarray,
+    w0: float = 10.0,
+    sigma: float = 5.0,
+    class_balance: bool = True,
+) -> np.ndarray:
+    """The U-Net paper's w(x) = w_c(x) + w0·exp(−(d1(x) + d2(x))² / 2σ²), float32, per slice.
+
+    On :func:`separated_foreground` (the binary target to train with it); d1/d2: distances to
+    the nearest and second-nearest object; the border term on background pixels only, as in
+    the paper (eq. 2); w_c: :func:`class_weights` (1 with ``class_balance=False``). Terms under
+    1e-3 are dropped (:func:`border_reach`, 22 px for the defaults), bounding the cost.
+    """
+    if sigma <= 0 or w0 < 0:
+        raise CellP2PError(f"border weights: need sigma > 0 and w0 >= 0, got {sigma}, {w0}")
+    reach = border_reach(w0, sigma)
+
+    def one(lab: np.ndarray) -> np.ndarray:
+        """The weights of one slice."""
+        objects = relabel(np.where(separated_foreground(lab), lab, 0))
+        fg = objects > 0
+        w = class_weights(fg) if class_balance else np.ones(lab.shape, dtype=np.float32)
+        if reach == 0 or objects.max() < 2:
+            return w
+        d1, d2 = _two_nearest(objects, reach)
+        near = ~fg & np.isfinite(d2)
+        w[near] += w0 * np.exp(-((d1[near] + d2[near]) ** 2) / (2.0 * sigma**2))
+        return w
+
+    return _per_slice(one, np.asarray(instances), np.float32)
+
+
+# -- instances out ------------------------------------------------------------------------------
+
+
+def _check_prob(
+    p: np.ndarray | None, name: str, shape: tuple[int, ...] | None = None
+) -> np.ndarray | None:
+    """A finite 2D float32 map in [0, 1] (float error clipped), or None."""
+    if p is None:
+        return None
+    a = np.asarray(p, dtype=np.float32)
+    if a.ndim != 2 or (shape is not None and a.shape != shape):
+        raise CellP2PError(f"watershed: {name} must be one 2D slice like prob_fg, got {a.shape}")
+    if not np.all(np.isfinite(a)) or a.min() < -1e-3 or a.max() > 1 + 1e-3:
+        raise CellP2PError(f"watershed: {name} must be probabilities in [0, 1] (8-bit: / 255)")
+    return np.clip(a, 0.0, 1.0)
+
+
+def _memo(cache: dict | None, key: tuple, make: Callable[[], Any]) -> Any:
+    """``make()``, remembered in ``cache`` under ``key`` (no cache: computed each time)."""
+    if cache is not None and key not in cache:
+        cache[key] = make()
+    return make() if cache is None else cache[key]
+
+
+def _distance_seeds(
+    region: np.ndarray, dist: np.ndarray, min_distance: int, h: float, cache: dict | None = None
+) -> np.ndarray:
+    """Seed labels in ``region``: distance maxima that rise ``h`` above their saddle.
+
+    ``h`` > 0: the h-maxima of the distance transform (a plateau stays one seed), of which
+    two closer than ``min_distance`` px keep only the one with the highest peak (skimage's
+    peak_local_max; 0: no such filter). A component of the region left without a seed
+    (lower than h) is a seed itself, and with ``h`` = 0 every component is one seed.
+    """
+    from skimage.feature import peak_local_max
+    from skimage.morphology import h_maxima
+
+    comps, n = ndi.label(region, structure=_FOUR)
+    if h <= 0:
+        return comps
+    eight = np.ones((3, 3))
+    tops, count = _memo(cache, ("tops", h), lambda: ndi.label(h_maxima(dist, h), eight))
+    if min_distance > 0 and count:
+        # Over the whole slice (3x faster than per component): a component whose only peak
+        # was suppressed by a neighbour's is seeded below as an orphan.
+        peaks = peak_local_max(
+            dist, min_distance=int(min_distance), threshold_abs=0.5, exclude_border=False
+        )
+        keep = np.zeros(count + 1, dtype=bool)
+        keep[tops[tuple(peaks.T)]] = True
+        keep[0] = False
+        tops, count = ndi.label(keep[tops], structure=eight)
+    seeded = np.zeros(n + 1, dtype=bool)
+    seeded[comps[tops > 0]] = True
+    orphans = ~seeded[comps] & region
+    return np.where(orphans, comps + count, tops)
+
+
+def _flood(
+    prob_fg: np.ndarray,
+    prob_boundary: np.ndarray | None,
+    params: tuple[float, int, float],
+    dense: bool,
+    cache: dict | None = None,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+    """The watershed before small objects go: labels, the elevation and the mask it used.
+
+    ``params``: (threshold, min_distance, h); ``cache``: one dict per slice, reused across
+    calls that share the threshold (the tuning grid).
+    """
+    from skimage.segmentation import watershed
+
+    threshold, min_distance, h = params
+
+    def base() -> tuple[np.ndarray, ...]:
+        """What depends on the threshold only: masks, distance, elevation, a sub-cache."""
+        fg = prob_fg > threshold
+        # Seeds grow from the interior: object minus boundary, or the whole object.
+        region = fg if prob_boundary is None else (prob_fg - prob_boundary) > threshold
+        dist = ndi.distance_transform_edt(region).astype(np.float32)
+        if prob_boundary is not None:
+            elevation = prob_boundary
+        else:  # the membrane probability, then the -distance: gaps are cut at their waist
+            elevation = (1.0 - prob_fg) - dist / (1.0 + float(dist.max()))
+        return fg, region, dist, elevation, {}
+
+    fg, region, dist, elevation, sub = _memo(cache, ("base", threshold), base)
+    seeds = _distance_seeds(region, dist, min_distance, h, sub if cache is not None else None)
+    mask = None if dense else fg
+    if not seeds.any():
+        return np.zeros(fg.shape, dtype=np.int32), elevation, mask
+    return watershed(elevation, seeds, mask=mask, connectivity=1), elevation, mask
+
+
+def _absorb_small(
+    labels: np.ndarray, elevation: np.ndarray, mask: np.ndarray | None, min_size: int
+) -> np.ndarray:
+    """Objects under ``min_size`` px merged into a neighbour (flooded over), or dropped if alone."""
+    from skimage.segmentation import watershed
+
+    sizes = np.bincount(labels.ravel())
+    small = sizes < min_size
+    small[0] = False
+    if min_size <= 0 or not small.any():
+        return labels
+    keep = np.where(small[labels], 0, labels)
+    if not keep.any():
+        return keep
+    region = (labels > 0) if mask is None else mask
+    return watershed(elevation, keep, mask=region & ((keep > 0) | small[labels]), connectivity=1)
+
+
+def default_params(dense: bool = False) -> dict[str, Any]:
+    """The post-processing parameters used when none were tuned (nuclei or dense membranes)."""
+    return dict(DENSE_DEFAULTS if dense else NUCLEI_DEFAULTS)
+
+
+def watershed_instances(
+    prob_fg: np.ndarray,
+    prob_boundary: np.ndarray | None = None,
+    *,
+    threshold: float | None = None,
+    min_distance: int | None = None,
+    h: float | None = None,
+    min_size: int | None = None,
+    dense: bool = False,
+) -> np.ndarray:
+    """Instance labels (uint16; uint32 beyond 65,535) of one slice by seeded watershed.
+
+    ``prob_fg``: P(object), or P(cell interior) for membranes; ``prob_boundary``: P(boundary)
+    of three-class models. Seeds: the interior (``prob_fg [- prob_boundary] > threshold``),
+    one per distance maximum rising ``h`` above its saddle, ``min_distance`` px apart
+    (:func:`_distance_seeds`; ``h`` = 0: one per component). They flood ``prob_boundary`` or
+    1 − prob_fg − (normalised distance), which cuts a membrane gap at its waist, inside
+    ``prob_fg > threshold`` or, ``dense=True``, over the whole slice (cells fill the
+    membranes). Objects under ``min_size`` px merge into the neighbour that floods them, or
+    go when alone. None: :func:`default_params`. Nothing above threshold: all zeros.
+    """
+    given = {"threshold": threshold, "min_distance": min_distance, "h": h, "min_size": min_size}
+    par = {**default_params(dense), **{k: v for k, v in given.items() if v is not None}}
+    p = _check_prob(prob_fg, "prob_fg")
+    b = _check_prob(prob_boundary, "prob_boundary", p.shape)
+    if not 0.0 <= par["threshold"] < 1.0 or par["h"] < 0 or par["min_distance"] < 0:
+        raise CellP2PError(
+            f"watershed: need 0 <= threshold < 1, h >= 0 and min_distance >= 0, got {par}"
+        )
+    key = (float(par["threshold"]), int(par["min_distance"]), float(par["h"]))
+    labels, elevation, mask = _flood(p, b, key, dense)
+    return relabel(_absorb_small(labels, elevation, mask, int(par["min_size"])))
+
+
+def _tune_inputs(prob_maps: Any, gt_instances: Any) -> list[tuple[np.ndarray, ...]]:
+    """(prob_fg, prob_boundary or None, gt objects) per validation slice, checked."""
+    p = np.asarray(prob_maps, dtype=np.float32)
+    p = p[None] if p.ndim == 2 else p
+    if not (p.ndim == 3 or (p.ndim == 4 and p.shape[1] == 2)):
+        raise CellP2PError(f"tune: prob_maps must be (N, Y, X) or (N, 2, Y, X), got {p.shape}")
+    gt = np.asarray(gt_instances)
+    gt = gt[None] if gt.ndim == 2 else gt
+    if gt.shape != (p.shape[0], *p.shape[-2:]):
+        raise CellP2PError(f"tune: gt shape {gt.shape} does not fit prob_maps {p.shape}")
+    out = []
+    for s, g in zip(p, gt, strict=True):
+        fg, b = (s, None) if p.ndim == 3 else (s[0], s[1])
+        objects = g if label_kind(g, name="ground truth") == "instances" else None
+        out.append(
+            (
+                _check_prob(fg, "prob_maps"),
+                _check_prob(b, "prob_maps", fg.shape),
+                objects_from_binary(g) if objects is None else objects,
+            )
+        )
+    return out
+
+
+def _grid(grid: Mapping[str, Sequence] | None, dense: bool) -> dict[str, tuple]:
+    """The kind's default grid with the given entries replaced, checked."""
+    base = DENSE_GRID if dense else NUCLEI_GRID
+    bad = set(grid or {}) - set(base)
+    if bad:
+        raise CellP2PError(f"tune: unknown grid keys {sorted(bad)}; use {', '.join(base)}")
+    g = {k: tuple((grid or {}).get(k, v)) for k, v in base.items()}
+    if not all(g.values()):
+        raise CellP2PError("tune: every grid entry needs at least one value")
+    return g
+
+
+def tune_postprocessing(
+    prob_maps: Any,
+    gt_instances: Any,
+    grid: Mapping[str, Sequence] | None = None,
+    *,
+    dense: bool = False,
+) -> dict[str, Any]:
+    """The :func:`watershed_instances` parameters that score best on validation slices.
+
+    ``prob_maps``: (N, Y, X) P(object), or (N, 2, Y, X) with P(boundary) second;
+    ``gt_instances``: (N, Y, X) instance labels or binary masks (4-connected components).
+    Full grid search (:data:`NUCLEI_GRID` / :data:`DENSE_GRID`, entries replaced by
+    ``grid``), a threshold's floods sharing one distance transform. Nuclei: maximise the
+    mean :func:`mean_average_precision`; ``dense``: minimise the mean Rand error 1 − V_rand
+    (:func:`cellp2p.metrics.rand_info_scores`). Ties keep the earlier point (defaults come
+    first). Returns the parameters, ``dense``, ``objective``, ``score``, ``default_score``.
+    """
+    from cellp2p.metrics import rand_info_scores
+
+    slices = _tune_inputs(prob_maps, gt_instances)
+    g = _grid(grid, dense)
+
+    def score(pred: np.ndarray, gt: np.ndarray) -> float:
+        """The objective of one slice: Rand error (dense) or mean AP."""
+        if dense:
+            return 1.0 - rand_info_scores(pred, gt)["v_rand"]
+        return mean_average_precision(pred, gt)
+
+    totals: dict[tuple, float] = {}
+    for t in g["threshold"]:
+        caches: list[dict] = [{} for _ in slices]  # what one threshold's floods share
+        for md, h in itertools.product(g["min_distance"], g["h"]):
+            for (p, b, gt), cache in zip(slices, caches, strict=True):
+                labels, elevation, mask = _flood(p, b, (float(t), int(md), float(h)), dense, cache)
+                for ms in g["min_size"]:
+                    final = _absorb_small(labels, elevation, mask, int(ms))
+                    key = (t, md, h, ms)
+                    totals[key] = totals.get(key, 0.0) + score(final, gt) / len(slices)
+    sign = 1.0 if dense else -1.0  # minimise the Rand error, maximise mean AP
+    best = min(itertools.product(*g.values()), key=lambda k: sign * totals[k])
+    out = dict(zip(g, (float(best[0]), int(best[1]), float(best[2]), int(best[3])), strict=True))
+    d = default_params(dense)
+    d_key = (d["threshold"], d["min_distance"], d["h"], d["min_size"])
+    return {
+        **out,
+        "dense": bool(dense),
+        "objective": "rand_error" if dense else "mean_ap",
+        "score": float(totals[best]),
+        "default_score": float(totals[d_key]) if d_key in totals else None,
+    }
+
+
+# -- scores -------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Matching:
+    """A one-to-one matching of predicted and gt instances at one IoU threshold."""
+
+    tp: int
+    fp: int
+    fn: int
+    pairs: tuple[tuple[int, int, float], ...]  # (pred id, gt id, IoU) of the matches
+
+    @property
+    def ap(self) -> float:
+        """TP / (TP + FP + FN) (DSB 2018's per-threshold "precision"); 1.0 if both are empty."""
+        total = self.tp + self.fp + self.fn
+        return 1.0 if total == 0 else self.tp / total
+
+
+def _as_instances(a: np.ndarray, name: str) -> np.ndarray:
+    """An int64 label image (bool as 0/1), refusing non-integer or negative ids."""
+    a = np.asarray(a)
+    whole = a.dtype == bool or np.issubdtype(a.dtype, np.integer)
+    if not whole and not (np.all(np.isfinite(a)) and np.all(a == np.round(a))):
+        raise CellP2PError(f"{name}: instance labels must be whole ids, got {a.dtype}")
+    a = a.astype(np.int64)
+    if a.size and a.min() < 0:
+        raise CellP2PError(f"{name}: instance ids must be >= 0 (0 = background)")
+    return a
+
+
+def _compact(values: np.ndarray, counts: bool = False) -> tuple[np.ndarray, np.ndarray]:
+    """np.unique's (values, inverse) or (values, counts) of non-negative int64s; by bincount
+    when the values are small (no sort: 5x faster for label images), else by np.unique."""
+    top = int(values.max(initial=0))
+    if top > 4 * values.size + (1 << 16):
+        return np.unique(values, return_counts=counts, return_inverse=not counts)
+    tally = np.bincount(values, minlength=top + 1)
+    present = np.flatnonzero(tally)
+    if counts:
+        return present, tally[present]
+    lut = np.zeros(top + 1, dtype=np.int64)
+    lut[present] = np.arange(present.size)
+    return present, lut[values]
+
+
+def iou_table(pred: np.ndarray, gt: np.ndarray) -> tuple[np.ndarray, ...]:
+    """(pred ids, gt ids, IoU) of every overlapping pair, and the counts (n_pred, n_gt)."""
+    p, t = _as_instances(pred, "prediction"), _as_instances(gt, "ground truth")
+    if p.shape != t.shape:
+        raise CellP2PError(f"instance scores: prediction shape {p.shape} != target {t.shape}")
+    p_ids, p_inv = _compact(p.ravel())
+    g_ids, g_inv = _compact(t.ravel())
+    pairs, inter = _compact(p_inv * g_ids.size + g_inv, counts=True)
+    pi, gi = pairs // g_ids.size, pairs % g_ids.size
+    keep = (p_ids[pi] != 0) & (g_ids[gi] != 0)
+    pi, gi, inter = pi[keep], gi[keep], inter[keep]
+    p_area, g_area = np.bincount(p_inv), np.bincount(g_inv)
+    iou = inter / (p_area[pi] + g_area[gi] - inter)
+    counts = np.array([np.count_nonzero(p_ids), np.count_nonzero(g_ids)])
+    return p_ids[pi], g_ids[gi], iou, counts
+
+
+def _match(table: tuple[np.ndarray, ...], thr: float) -> Matching:
+    """Hungarian matching of the pairs with IoU >= thr: most matches, then most summed IoU."""
+    p_id, g_id, iou, (n_pred, n_gt) = table
+    ok = iou >= thr
+    if not ok.any():
+        return Matching(0, int(n_pred), int(n_gt), ())
+    rows, r = np.unique(p_id[ok], return_inverse=True)
+    cols, c = np.unique(g_id[ok], return_inverse=True)
+    sub = np.zeros((rows.size, cols.size))
+    sub[r, c] = iou[ok]
+    # One match outweighs any IoU sum (< 1/2): cellpose's cost, as cellp2p.metrics uses.
+    cost = -(sub >= thr).astype(np.float64) - sub / (2.0 * max(min(n_pred, n_gt), 1))
+    ri, ci = linear_sum_assignment(cost)
+    hit = sub[ri, ci] >= thr
+    pairs = tuple(
+        (int(rows[a]), int(cols[b]), float(sub[a, b]))
+        for a, b in zip(ri[hit], ci[hit], strict=True)
+    )
+    tp = len(pairs)
+    return Matching(tp, int(n_pred) - tp, int(n_gt) - tp, pairs)
+
+
+def match_instances(pred: np.ndarray, gt: np.ndarray, iou_threshold: float = 0.5) -> Matching:
+    """One-to-one matching (Hungarian on IoU) of predicted and gt instances (ids > 0).
+
+    A pair may match when IoU >= ``iou_threshold`` (cellpose/stardist; DSB 2018 wrote "> t",
+    which differs only on exact ties); the assignment maximises the number of matches, then
+    their summed IoU. Above 0.5 a match is unique anyway. TP = matches, FP = unmatched
+    predictions, FN = unmatched gt objects.
+    """
+    if not 0.0 < iou_threshold <= 1.0:
+        raise CellP2PError(
+            f"instance matching: IoU threshold must be in (0, 1], got {iou_threshold}"
+        )
+    return _match(iou_table(pred, gt), iou_threshold)
+
+
+def average_precision(pred: np.ndarray, gt: np.ndarray, iou_threshold: float = 0.5) -> float:
+    """TP / (TP + FP + FN) at one IoU threshold (1.0 when both images have no objects)."""
+    return match_instances(pred, gt, iou_threshold).ap
+
+
+def mean_average_precision(
+    pred: np.ndarray, gt: np.ndarray, thresholds: Sequence[float] = IOU_THRESHOLDS
+) -> float:
+    """DSB 2018 score of one image: the mean of :func:`average_precision` over IoU 0.5:0.05:0.95."""
+    table = iou_table(pred, gt)
+    return float(np.mean([_match(table, float(t)).ap for t in thresholds]))

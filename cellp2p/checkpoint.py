@@ -71,6 +71,7 @@ def build_payload(state: TrainState, record: dict[str, Any]) -> dict[str, Any]:
         "rng": rng_state(),
         "versions": versions(state.device),
         "record": record,
+        "postprocessing": getattr(state, "postprocessing", None),  # issue 15: plain primitives
     }
 
 
@@ -104,6 +105,7 @@ def _restore(state: TrainState, ckpt: dict[str, Any]) -> None:
     for name, opt in state.mode.optims.items():
         opt.load_state_dict(ckpt["optimizers"][name])
     state.step, state.best = int(ckpt["step"]), ckpt.get("best")
+    state.postprocessing = ckpt.get("postprocessing")
     # Rebuilt after the optimizers (torch reads their initial_lr) for this run's total steps,
     # which --resume may have changed; then positioned where the saved ones were.
     state.scheds = make_schedulers(

@@ -9,6 +9,7 @@ direction) → render (panels and curves from :mod:`cellp2p.figures`, the report
 from __future__ import annotations
 
 import json
+import re
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -19,8 +20,8 @@ import numpy as np
 
 from cellp2p import checks, io
 from cellp2p.errors import CellP2PError
-from cellp2p.figures import plot_loss_curves, save_slice_panel
-from cellp2p.fsutil import check_output, to_json
+from cellp2p.figures import plot_loss_curves, save_ab_panel, save_slice_panel
+from cellp2p.fsutil import check_claim, claim_folder, folder_kind, to_json
 from cellp2p.outputs import foreground_prob
 from cellp2p.report import GROUP_TITLES, write_report
 from cellp2p.rundir import read_records, run_folder
@@ -29,6 +30,10 @@ from cellp2p.slices import default_holdout, parse_slices
 from cellp2p.sources import Sources, recorded_sources, recorded_val_slices, resolve_sources
 
 Echo = Callable[[str], Any]
+CHECKPOINTS = ("last", "best")  # which weights of a run compare scores (last: not chosen on val)
+# What compare writes into its folder; in a folder of other files (--force) none may exist.
+REPORT_OUTPUTS = ("report.md", "report.html", "report.json", "loss_curves.png", "panels")
+PANEL_NAME = re.compile(r"\d+_(segment|translate)_(AtoB|BtoA)_slice_\d{4}\.png")
 NO_DATA = (
     "no data to compare on: give --volume V.tif --labels L.tif, or --manifest NAME (e.g. isbi2012)"
 )
@@ -51,6 +56,8 @@ class Comparison:
     say: Echo
     segmenter: Any = None
     segmenter_path: str | None = None
+    force: bool = False  # --force: the report may go into a folder of other files
+    images: list[str] | None = None  # AB images (--ab): their names, in ``ids`` order
     rows: dict[str, dict] = field(default_factory=dict)
     outputs: dict[str, np.ndarray] = field(default_factory=dict)
     groups: list[dict] = field(default_factory=list)
@@ -75,6 +82,8 @@ def compare(
     checkpoint: str = "last",
     title: str | None = None,
     device: str = "auto",
+    ab: str | Path | None = None,
+    force: bool = False,
     echo: Echo | None = print,
 ) -> dict:
     """Score every run on the same held-out slices; write report.md/.json/.html, panels, curves.
@@ -85,18 +94,25 @@ def compare(
     generated images are segmented and scored against the labels they came from, next to the
     segmenter on the real images (the ceiling). ``checkpoint`` "last" (default) scores the final
     weights: best.pt is chosen on these very validation slices, which would flatter it.
-    Returns the content of report.json.
+    ``ab``: a folder of pix2pix AB images instead of the stacks (translation runs; panels
+    A | B | each run's image). ``out`` must be new, empty or an earlier report (``force``:
+    a folder holding other files, written beside them). Returns the content of report.json.
     """
     if not runs:
         raise CellP2PError("compare needs at least one run folder")
-    if checkpoint not in ("last", "best"):
-        raise CellP2PError(f"--checkpoint {checkpoint!r} unknown; use last or best")
+    if checkpoint not in CHECKPOINTS:
+        raise CellP2PError(f"--checkpoint {checkpoint!r} unknown; use {' or '.join(CHECKPOINTS)}")
     say = echo or (lambda _msg: None)
-    out = check_report_folder(out)
+    out = check_report_folder(out, force)
     dirs = [run_folder(r) for r in runs]
     run_names = _unique_names(dirs, names)
     predictors = load_predictors(runs, dirs, checkpoint, device)
     configs = [dict(p.train_config or {}) for p in predictors]
+    if ab is not None or any(cfg.get("ab") for cfg in configs):
+        stacks = (volume, labels, manifest, segmenter)
+        c = _ab_comparison(ab, slices, runs, predictors, configs, checkpoint, say, stacks)
+        c.out, c.names, c.dirs, c.force = out, run_names, dirs, force
+        return _finish(c, title)
     sources = data_sources(volume, labels, manifest, data_dir, configs, say)
     n = check_data(sources, runs, predictors)
     seg = load_segmenter(segmenter, device, sources) if segmenter is not None else None
@@ -116,22 +132,76 @@ def compare(
         say=say,
         segmenter=seg,
         segmenter_path=None if segmenter is None else str(segmenter),
+        force=force,
     )
+    return _finish(c, title)
+
+
+def _finish(c: Comparison, title: str | None) -> dict:
+    """Score, group, render: the steps every comparison shares."""
     score_runs(c)
     c.groups = group_runs(c.names, c.rows)
-    score_segmentability(c)
+    if c.images is not None:
+        for g in c.groups:
+            g["title"] = (
+                "Translation (B → A)" if g["direction"] == "BtoA" else "Translation (A → B)"
+            )
+    else:
+        score_segmentability(c)
     return render(c, title)
+
+
+def _ab_comparison(
+    ab: str | Path | None,
+    slices: str | Sequence[int] | None,
+    runs: Sequence[str | Path],
+    predictors: list[Any],
+    configs: Sequence[dict],
+    checkpoint: str,
+    say: Echo,
+    stacks: Sequence[Any] = (),
+) -> Comparison:
+    """The AB images to score (``ab``, else the first run's --ab-val or --ab), as a Comparison."""
+    from cellp2p import ab as abmod
+
+    if any(stacks):
+        raise CellP2PError(
+            "compare --ab scores AB images: drop --volume/--labels/--manifest/--segmenter"
+        )
+    if ab is None:
+        ab = configs[0].get("ab_val") or configs[0].get("ab")
+        if not ab:
+            raise CellP2PError("compare --ab DIR: give the folder of AB images to score on")
+        say(f"data: none given, using the first run's AB images ({ab})")
+    files, images, ids, ids_from = abmod.compare_images(ab, slices, configs)
+    abmod.check_runs(runs, predictors, images.shape[1])
+    a, b = abmod.split_ab(images[ids], "AtoB")
+    return Comparison(
+        out=Path(),
+        names=[],
+        dirs=[],
+        predictors=predictors,
+        data={"ab": str(ab)},
+        ids=list(ids),
+        ids_from=ids_from,
+        volume=a,
+        labels=b,
+        checkpoint=checkpoint,
+        say=say,
+        images=[files[i].name for i in ids],
+    )
 
 
 # -- load --------------------------------------------------------------------------------------
 
 
-def check_report_folder(out: str | Path) -> Path:
-    """The report folder, created and writable, before any run is loaded or predicted."""
+def check_report_folder(out: str | Path, force: bool = False) -> Path:
+    """The report folder may be written (new, empty, an earlier report, or ``force``) — checked
+    before any run is loaded or predicted; nothing is created until the report is written."""
     out = Path(out)
     if out.exists() and not out.is_dir():
         raise CellP2PError(f"--out {out}: is a file; give a folder for the report")
-    check_output(out / "report.md", force=True)
+    check_claim(out, "report", force, REPORT_OUTPUTS)
     return out
 
 
@@ -380,11 +450,19 @@ def score_runs(c: Comparison) -> None:
         row = describe_run(name, d, pred)
         inputs, target = c.pair(row["direction"])
         what = f"{row['mode']} {row['task']} {row['direction']}"
-        c.say(f"{name}: {what}, predicting {len(c.ids)} slices")
+        c.say(f"{name}: {what}, predicting {len(c.ids)} {'images' if c.images else 'slices'}")
         t0 = time.perf_counter()
-        c.outputs[name] = run_outputs(pred, inputs)
+        if c.images is not None:  # AB images: every channel kept and scored
+            from cellp2p.ab import match_channels, run_images, score_images
+
+            c.outputs[name] = run_images(pred, inputs)
+            target = match_channels(target, c.outputs[name].shape[1], "compare --ab")
+            res = score_images(c.outputs[name], target, c.images)
+            res["per_slice"] = res.pop("per_image")
+        else:
+            c.outputs[name] = run_outputs(pred, inputs)
+            res = score_prediction(c.outputs[name], target, row["task"], c.ids)
         row["predict_s"] = time.perf_counter() - t0
-        res = score_prediction(c.outputs[name], target, row["task"], c.ids)
         row["metrics"], row["per_slice"] = res["mean"], res["per_slice"]
         c.rows[name] = row
 
@@ -439,6 +517,7 @@ def group_runs(names: Sequence[str], rows: dict[str, dict]) -> list[dict]:
 
 def render(c: Comparison, title: str | None) -> dict:
     """Panels, loss curves and report.md/.html/.json; returns the report's content."""
+    claim_folder(c.out, "report", c.force, REPORT_OUTPUTS)
     write_panels(c)
     curves = plot_loss_curves(c.out / "loss_curves.png", c.names, [read_records(d) for d in c.dirs])
     report = {
@@ -447,6 +526,7 @@ def render(c: Comparison, title: str | None) -> dict:
         "data": c.data,
         "slices": c.ids,
         "slices_from": c.ids_from,
+        **({"images": c.images} if c.images is not None else {}),
         "checkpoint": c.checkpoint,
         "groups": c.groups,
         "runs": c.rows,
@@ -460,9 +540,10 @@ def render(c: Comparison, title: str | None) -> dict:
 def write_panels(c: Comparison) -> None:
     """One panel per held-out slice and group; fills each group's ``panels`` (relative paths)."""
     panel_dir = c.out / "panels"
-    if panel_dir.is_dir():
+    if panel_dir.is_dir() and folder_kind(c.out) == "report":
         for old in panel_dir.glob("*.png"):
-            old.unlink()  # panels of an earlier compare (other slices) would mislead
+            if PANEL_NAME.fullmatch(old.name):  # an earlier compare's panels (other slices)
+                old.unlink()
     for gi, g in enumerate(c.groups):
         tag = f"{gi + 1}_{g['task']}_{g['direction']}"
         g["panels"] = [
@@ -473,6 +554,18 @@ def write_panels(c: Comparison) -> None:
 
 def _slice_panel(c: Comparison, g: dict, path: Path, z: int) -> Path:
     """The panel of held-out slice ``z`` of group ``g``."""
+    if c.images is not None:  # A | B | each run's generated image
+        btoa = g["direction"] == "BtoA"
+        labels = ("A (target)", "B (input)") if btoa else ("A (input)", "B (target)")
+        return save_ab_panel(
+            path,
+            f"{g['title']}: {c.images[z]}",
+            c.volume[z],
+            c.labels[z],
+            g["runs"],
+            [c.outputs[n][z] for n in g["runs"]],
+            labels,
+        )
     inputs, targets = c.pair(g["direction"])
     seg_row = None
     if g.get("segmentability"):

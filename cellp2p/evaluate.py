@@ -71,23 +71,39 @@ def load_pair(
     return pred, target, ids
 
 
-def _check_json_path(path: str | Path) -> None:
-    """Where --json goes must be writable before anything is computed (it may be replaced)."""
+def _check_json_path(path: str | Path, force: bool, inputs: Sequence[str | Path | None]) -> None:
+    """Where --json goes must be writable before anything is computed; an existing file is
+    replaced only with ``force``, and never one of the inputs. Nothing is created yet."""
     path = Path(path)
     if path.suffix.lower() != ".json":
         raise CellP2PError(f"--json {path}: give a file name ending in .json")
-    check_output(path, force=True)
+    for src in filter(None, inputs):
+        if path.resolve() == Path(src).resolve():
+            raise CellP2PError(f"--json {path}: is an input of this command; choose another name")
+    check_output(path, force, create=False)
+
+
+def _check_label_ids(target: np.ndarray, path: str | Path) -> None:
+    """Segmentation labels are 0 (background) and positive ids."""
+    if np.issubdtype(target.dtype, np.signedinteger) and target.size and target.min() < 0:
+        raise CellP2PError(
+            f"{path}: holds negative label ids (min {int(target.min())}); segmentation labels "
+            "are 0 (background) and positive ids: relabel them (e.g. Fiji: Process > Math > Abs)"
+        )
 
 
 def evaluate(
     pred_path: str | Path,
-    labels_path: str | Path,
+    labels_path: str | Path | None,
     *,
+    ab: str | Path | None = None,
+    direction: str = "AtoB",
     slices: str | Sequence[int] | None = None,
     task: str = "segment",
     json_path: str | Path | None = None,
     kind: str = "auto",
     data_range: float | None = None,
+    force: bool = False,
     echo: Callable[[str], Any] | None = print,
 ) -> dict:
     """Score a prediction stack against labels (segment) or target images (translate).
@@ -97,7 +113,11 @@ def evaluate(
     SSIM. Prints the per-slice table (via ``echo``), writes ``json_path`` when given (strict JSON:
     an infinite PSNR, i.e. identical slices, is written as null) and returns the result of
     :func:`cellp2p.scoring.evaluate_arrays` with the file names added.
+    ``ab`` (instead of labels): PRED is a folder of generated PNGs, scored against the target
+    halves of these AB images (:func:`cellp2p.ab.evaluate_ab`).
     """
+    if ab is not None or labels_path is None:
+        return _evaluate_ab(pred_path, labels_path, ab, direction, json_path, force, echo)
     if task not in ("segment", "translate"):
         raise CellP2PError(f"--task {task!r} unknown; use segment or translate")
     if data_range is not None and not (math.isfinite(data_range) and data_range > 0):
@@ -106,10 +126,13 @@ def evaluate(
             "(e.g. 255 for 8-bit images), or leave it out"
         )
     if json_path is not None:
-        _check_json_path(json_path)
+        _check_json_path(json_path, force, (pred_path, labels_path))
     pred, target, ids = load_pair(pred_path, labels_path, slices)
     check_finite(pred, pred_path)
     check_finite(target, labels_path)
+    if task == "segment":
+        _check_label_ids(target, labels_path)
+        _check_label_ids(pred, pred_path)
     result = evaluate_arrays(pred, target, task, kind=kind, data_range=data_range, slice_ids=ids)
     result = {"prediction": str(pred_path), "labels": str(labels_path), **result}
     if json_path is not None:  # first: a failed write must not follow a printed table
@@ -117,3 +140,26 @@ def evaluate(
     if echo is not None:
         echo(format_table(result))
     return result
+
+
+def _evaluate_ab(
+    pred_path: str | Path,
+    labels_path: str | Path | None,
+    ab: str | Path | None,
+    direction: str,
+    json_path: str | Path | None,
+    force: bool,
+    echo: Callable[[str], Any] | None,
+) -> dict:
+    """``evaluate OUT/ --ab DIR``: generated images against the other half of each AB image."""
+    from cellp2p.ab import evaluate_ab
+
+    if ab is None:
+        raise CellP2PError(
+            "give the ground truth: --labels STACK, or --ab DIR for images generated from AB images"
+        )
+    if labels_path is not None:
+        raise CellP2PError("give either --labels or --ab, not both")
+    if json_path is not None:
+        _check_json_path(json_path, force, (pred_path, ab))
+    return evaluate_ab(pred_path, ab, direction=direction, json_path=json_path, echo=echo)

@@ -7,7 +7,6 @@ and never a half-written replacement of an earlier one.
 from __future__ import annotations
 
 import contextlib
-import errno
 import json
 import math
 import os
@@ -17,7 +16,7 @@ from typing import Any
 
 import numpy as np
 
-from cellp2p.errors import CellP2PError
+from cellp2p.errors import CellP2PError, is_disk_full
 
 
 def _file_in_the_way(path: Path) -> Path | None:
@@ -28,8 +27,13 @@ def _file_in_the_way(path: Path) -> Path | None:
     return None
 
 
-def check_output(path: str | Path, force: bool = False) -> Path:
-    """Refuse to overwrite an existing file without ``force``; make the folder if needed."""
+def check_output(path: str | Path, force: bool = False, *, create: bool = True) -> Path:
+    """Refuse to overwrite an existing file without ``force``; make the folder if needed.
+
+    With ``create=False`` nothing is made (a command that checks its outputs before reading its
+    inputs then leaves no empty folder when it refuses): the nearest existing folder above
+    ``path`` must be writable, and the folder is made when the file is written.
+    """
     path = Path(path)
     blocker = _file_in_the_way(path)
     if blocker is not None:
@@ -44,6 +48,9 @@ def check_output(path: str | Path, force: bool = False) -> Path:
     if path.is_dir():
         kind = path.suffix or ".tif"
         raise CellP2PError(f"{path}: is a folder; give a file name ending in {kind}")
+    if not create:
+        check_folder_writable(path.parent)
+        return path
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
     except OSError as err:
@@ -70,15 +77,28 @@ def check_folder_writable(folder: str | Path) -> Path:
     return folder
 
 
-def write_failed(path: Path, err: OSError) -> CellP2PError:
+def write_failed(path: Path, err: BaseException) -> CellP2PError:
     """One line for a write that failed part-way (disk full, quota, I/O error)."""
-    reason = err.strerror or str(err) or type(err).__name__
-    hint = (
-        "free some space or choose another output folder"
-        if err.errno in (errno.ENOSPC, errno.EDQUOT)
-        else "check the output folder and try again"
+    reason = getattr(err, "strerror", None) or str(err) or type(err).__name__
+    reason = " ".join(reason.split())[:160]
+    if is_disk_full(err):
+        return CellP2PError(
+            f"{path}: could not be written ({reason}: disk full); nothing was saved: "
+            "free some space or choose another output folder"
+        )
+    return CellP2PError(
+        f"{path}: could not be written ({reason}); nothing was saved: "
+        "check the output folder and try again"
     )
-    return CellP2PError(f"{path}: could not be written ({reason}); nothing was saved: {hint}")
+
+
+def free_bytes(folder: Path) -> int | None:
+    """Free space of the file system holding ``folder`` (or its nearest existing parent)."""
+    with contextlib.suppress(OSError, StopIteration):
+        existing = next(p for p in (folder, *folder.parents) if p.exists())
+        st = os.statvfs(existing)
+        return st.f_bavail * st.f_frsize
+    return None
 
 
 def temp_name(path: Path) -> Path:
@@ -191,12 +211,18 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
 
 
 MARKER = ".cellp2p.json"
-# What an output folder written before markers existed holds, per kind of folder.
+# What an output folder written before markers existed holds, per kind of folder (checked in
+# this order: an old demo folder also holds a report).
 _LEGACY_SIGNS = {
+    "demo": ("unet/checkpoints/last.pt", "pix2pix/checkpoints/last.pt"),
     "run": ("checkpoints/last.pt", "metrics.jsonl"),
     "report": ("report.json",),
-    "demo": ("runs", "report"),
 }
+
+
+# Hidden files of cellp2p's own that leave a folder as good as empty: a marker whose kind cannot
+# be read, and a run's lock file (opened for locking, never written).
+_OWN = (MARKER, ".lock")
 
 
 def folder_kind(folder: Path) -> str | None:
@@ -212,13 +238,14 @@ def folder_kind(folder: Path) -> str | None:
     return None
 
 
-def claim_folder(folder: str | Path, kind: str, force: bool = False) -> Path:
-    """Make ``folder`` an output folder of ``kind``, or refuse with one line.
+def check_claim(
+    folder: str | Path, kind: str, force: bool = False, outputs: tuple[str, ...] = ()
+) -> str | None:
+    """Refuse (with one line) to make ``folder`` an output folder of ``kind``; writes nothing.
 
-    A command writes only into a folder that is new, empty, or already one of its own kind
-    (recognised by the marker this writes); a folder of another kind is always refused, any
-    other non-empty folder unless ``force`` — and even then the command only writes its own
-    files into it, never deleting what it did not create.
+    Returns the kind the folder already is (None for a new, empty or foreign folder). In a
+    folder that is not already of ``kind``, an existing entry named like one of ``outputs``
+    (the names the command writes) is the user's, and is refused even with ``force``.
     """
     folder = Path(folder)
     check_folder_writable(folder)
@@ -229,15 +256,44 @@ def claim_folder(folder: str | Path, kind: str, force: bool = False) -> Path:
         raise CellP2PError(
             f"{folder}: holds a cellp2p {found}, not a {kind}; choose another folder"
         )
-    if found is None and folder.is_dir() and any(folder.iterdir()) and not force:
-        raise CellP2PError(
-            f"{folder}: exists and holds files cellp2p did not write; choose a new or empty "
-            f"folder, or pass --force to write the {kind} into it (nothing there is deleted)"
-        )
+    if found is None and folder.is_dir() and any(p.name not in _OWN for p in folder.iterdir()):
+        if not force:
+            raise CellP2PError(
+                f"{folder}: exists and holds files cellp2p did not write; choose a new or "
+                f"empty folder, or pass --force to write the {kind} into it (nothing there is "
+                "deleted)"
+            )
+        taken = [name for name in outputs if os.path.lexists(folder / name)]
+        if taken:
+            raise CellP2PError(
+                f"{folder / taken[0]}: exists and is not cellp2p's; the {kind} would write "
+                "there and --force never replaces files cellp2p did not write: move it or "
+                "choose another folder"
+            )
+    return found
+
+
+def claim_folder(
+    folder: str | Path, kind: str, force: bool = False, outputs: tuple[str, ...] = ()
+) -> Path:
+    """Make ``folder`` an output folder of ``kind``, or refuse with one line.
+
+    A command writes only into a folder that is new, empty, or already one of its own kind
+    (recognised by the marker this writes); a folder of another kind is always refused, any
+    other non-empty folder unless ``force`` — and even then the command only writes its own
+    files into it, never deleting what it did not create (see :func:`check_claim`).
+    """
+    folder = Path(folder)
+    check_claim(folder, kind, force, outputs)
     try:
         folder.mkdir(parents=True, exist_ok=True)
     except OSError as err:
         raise write_failed(folder, err) from None
-    if not (folder / MARKER).is_file():
+    return mark_folder(folder, kind)
+
+
+def mark_folder(folder: Path, kind: str) -> Path:
+    """Write the marker that says ``folder`` is a cellp2p ``kind`` folder, unless one is there."""
+    if not os.path.lexists(folder / MARKER):
         write_text_atomic(folder / MARKER, json.dumps({"kind": kind}) + "\n")
     return folder

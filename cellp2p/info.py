@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -33,23 +34,17 @@ def _summarise_stack(path: Path) -> list[str]:
             sample = list(range(nz))
         else:
             sample = sorted(set(np.linspace(0, nz - 1, _SAMPLE_SLICES).round().astype(int)))
-        lo, hi, uniq = None, None, np.array([], dtype=dtype)
-        for i in sample:
-            plane = reader[i]
-            pmin, pmax = plane.min(), plane.max()
-            lo = pmin if lo is None else min(lo, pmin)
-            hi = pmax if hi is None else max(hi, pmax)
-            # Union of per-slice uniques stays small for label images; cap it for raw data.
-            if uniq.size <= 4096:
-                uniq = np.union1d(uniq, np.unique(plane))
+        lo, hi, uniq, nan, inf = _scan(reader, sample, dtype)
         spacing, unit = reader.spacing, reader.unit
     sampled = "" if len(sample) == nz else f" (from {len(sample)} of {nz} slices)"
     lines = [
         f"{path}",
         f"  shape      {_fmt_shape(shape)} ({axes})",
         f"  dtype      {dtype.name}",
-        f"  range      {lo} .. {hi}{sampled}",
+        f"  range      {_range(lo, hi, nan + inf)}{sampled}",
     ]
+    if nan or inf:
+        lines.append(f"  not finite {nan} NaN, {inf} inf values{sampled}: training refuses them")
     if uniq.size > 4096:
         lines.append(f"  unique     more than 4096 values{sampled}")
     elif uniq.size <= 16:
@@ -63,6 +58,34 @@ def _summarise_stack(path: Path) -> list[str]:
     else:
         lines.append("  pixel size not recorded in the file")
     return lines
+
+
+def _scan(reader: Any, sample: list[int], dtype: np.dtype) -> tuple[Any, Any, np.ndarray, int, int]:
+    """Minimum and maximum of the finite values, unique values, NaN and inf counts of slices."""
+    lo, hi, uniq = None, None, np.array([], dtype=dtype)
+    nan = inf = 0
+    for i in sample:
+        plane = reader[i]
+        if np.issubdtype(plane.dtype, np.inexact):
+            finite, n_nan = np.isfinite(plane), int(np.isnan(plane).sum())
+            nan, inf = nan + n_nan, inf + int(plane.size - finite.sum()) - n_nan
+            plane = plane[finite]
+            if plane.size == 0:
+                continue
+        pmin, pmax = plane.min(), plane.max()
+        lo = pmin if lo is None else min(lo, pmin)
+        hi = pmax if hi is None else max(hi, pmax)
+        # Union of per-slice uniques stays small for label images; cap it for raw data.
+        if uniq.size <= 4096:
+            uniq = np.union1d(uniq, np.unique(plane))
+    return lo, hi, uniq, nan, inf
+
+
+def _range(lo: object, hi: object, non_finite: int) -> str:
+    """The value range, of the finite values where some are NaN or inf."""
+    if lo is None:
+        return "no finite values"
+    return f"{lo} .. {hi}" + (" (finite values)" if non_finite else "")
 
 
 def _is_multipage_tiff(path: Path) -> bool:
@@ -126,6 +149,16 @@ def info(path_or_manifest: str | Path) -> str:
 
     text = str(path_or_manifest)
     path = Path(text)
+    from cellp2p.stores import describe_store, is_store
+
+    if is_store(text):  # first: "file.h5:/raw" is no path that exists
+        lines = describe_store(text).splitlines()
+        try:  # value range and uniques, sampled as for a TIFF
+            keep = ("range", "unique", "not finite")
+            lines += [ln for ln in _summarise_stack(path) if ln.lstrip().startswith(keep)]
+        except CellP2PError:
+            pass  # an incomplete store: describe_store already says so
+        return "\n".join(lines)
     if path.exists() and not (path.is_file() and path.suffix.lower() == ".json"):
         return _summarise_path(path)
     if path.suffix.lower() in IMAGE_SUFFIXES:

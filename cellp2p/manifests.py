@@ -33,12 +33,13 @@ often re-encoded (other TIFF compression, per-slice PNGs), which changes ``sha25
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
 import os
 import re
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -466,16 +467,13 @@ def fetch(
             f"{manifest.path}: no file has a download url; get the data by hand "
             f"({manifest.download.get('page', 'see the manifest')}) and pass --data-dir"
         )
-    try:
-        target.mkdir(parents=True, exist_ok=True)
-    except OSError as err:
-        raise CellP2PError(
-            f"{target}: cannot create the folder ({err.strerror}); choose another --dest"
-        ) from None
-    if not os.access(target, os.W_OK):
-        raise CellP2PError(f"{target}: folder is not writable; choose another --dest")
+    from cellp2p.fsutil import check_folder_writable
 
+    check_folder_writable(target)
+    if target.exists() and not target.is_dir():
+        raise CellP2PError(f"{target}: is a file, not a folder; choose another --dest")
     out: dict[str, Path] = {}
+    # Files already there are checked before anything is downloaded or created.
     for entry in manifest.files:
         final = target / entry.name
         if final.exists() and not force:
@@ -486,11 +484,32 @@ def fetch(
                     f"({problem}); pass --force to download it again"
                 )
             out[entry.role] = final
-            continue
-        if entry.url is None:
-            continue
-        out[entry.role] = _download(pooch, manifest, entry, target, progress)
+    wanted = [f for f in manifest.files if f.role not in out and f.url is not None]
+    with _made_folder(target, bool(wanted)):
+        for entry in wanted:
+            out[entry.role] = _download(pooch, manifest, entry, target, progress)
     return out
+
+
+@contextlib.contextmanager
+def _made_folder(target: Path, needed: bool) -> Iterator[None]:
+    """Create ``target`` only when something will be downloaded into it; remove the folders
+    this made again when the downloads failed and left them empty."""
+    made = [d for d in (target, *target.parents) if not d.exists()] if needed else []
+    if needed:
+        try:
+            target.mkdir(parents=True, exist_ok=True)
+        except OSError as err:
+            raise CellP2PError(
+                f"{target}: cannot create the folder ({err.strerror}); choose another --dest"
+            ) from None
+    try:
+        yield
+    except BaseException:
+        for folder in made:  # deepest first; only while empty
+            with contextlib.suppress(OSError):
+                folder.rmdir()
+        raise
 
 
 def _download(

@@ -41,7 +41,8 @@ from cellp2p.dataset import (
 )
 from cellp2p.errors import CellP2PError
 from cellp2p.figures import plot_curves, save_panel
-from cellp2p.fsutil import check_claim, claim_folder
+from cellp2p.fsutil import check_claim, claim_folder, mark_folder
+from cellp2p.instances import tune_run
 from cellp2p.models.blocks import center_crop
 from cellp2p.modes import Mode, lr_factor, make_mode, make_schedulers, model_overrides
 from cellp2p.rundir import (
@@ -76,6 +77,7 @@ class TrainState:
     step: int = 0  # steps done
     best: dict[str, Any] | None = None  # {"metric", "value", "step"} of the best evaluation
     records: list[dict[str, Any]] = field(default_factory=list)  # metrics.jsonl so far (rank 0)
+    postprocessing: dict[str, Any] | None = None  # the tuned watershed of --output labels
     best_metric: str = field(init=False)  # --best-metric, or the task's default
     scheds: dict[str, torch.optim.lr_scheduler.LambdaLR] = field(init=False)
 
@@ -118,7 +120,8 @@ def train(
     if ckpt is not None:
         cfg = resumed_config(ckpt["train_config"], resume_overrides or {}, ckpt["path"])
     cfg.validate()
-    check_claim(out, "run", force, RUN_OUTPUTS)
+    if ckpt is None:  # a resumed folder is a run: its checkpoint says so
+        check_claim(out, "run", force, RUN_OUTPUTS)
     if not resume and last_checkpoint(out).exists():
         raise CellP2PError(
             f"{out}: already holds a run; pass --resume to continue it or choose another --out"
@@ -177,14 +180,26 @@ def _set_up(
     for net in mode.nets.values():
         net.train()
     if world.is_main:  # rank 0 alone writes the run folder
-        claim_folder(out, "run", force, RUN_OUTPUTS)
-        stack.enter_context(RunLock(out))
+        _open_run_folder(out, force, ckpt is not None, stack)
         # A fresh run in its own folder (one whose start failed) drops the old log's lines.
         state.records = truncate_records(out, state.step if ckpt is not None else 0)
         if ckpt is not None:
             _note_world_change(ckpt, world.size, cfg)
         write_config(out, _run_config(state))
     return state
+
+
+def _open_run_folder(out: Path, force: bool, resumed: bool, stack: contextlib.ExitStack) -> None:
+    """Create and lock the run folder, then mark it a run (a second run on it, refused by the
+    lock, writes nothing there)."""
+    if not resumed:
+        check_claim(out, "run", force, RUN_OUTPUTS)  # again: the folder may have changed
+    out.mkdir(parents=True, exist_ok=True)
+    stack.enter_context(RunLock(out))
+    if resumed:
+        mark_folder(out, "run")
+    else:
+        claim_folder(out, "run", force, RUN_OUTPUTS)
 
 
 def _first_features(cfg: TrainConfig) -> int:
@@ -414,6 +429,8 @@ def evaluate(state: TrainState, losses: dict[str, float], images_per_s: float) -
     val, pred = validate_run(state.mode, state.data, state.device)
     record = make_record(state, losses, val, images_per_s)
     improved = _update_best(state, val)
+    if improved or state.step == state.total:  # issue 15: --output labels, tuned on validation
+        state.postprocessing = tune_run(pred, state.data)
     write_checkpoints(state, record, improved)
     append_record(state.out, record)  # after the checkpoint: a logged step is always saved
     state.records.append(record)
@@ -435,7 +452,8 @@ def validate_run(mode: Mode, data: PairedData, device: torch.device) -> tuple[di
         for m in mode.nets.values():
             m.train()
     pred = np.stack(preds)
-    return score_outputs(pred, data.val_y, data.target_kind, data.classes), pred
+    objects = data.val_instances if data.instances else None
+    return score_outputs(pred, data.val_y, data.target_kind, data.classes, objects), pred
 
 
 def make_record(

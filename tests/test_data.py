@@ -279,14 +279,13 @@ def test_fetch_rejects_corrupt_download_and_leaves_nothing(tmp_path: Path, serve
     dest = tmp_path / "dest"
     with pytest.raises(CellP2PError, match=r"v\.tif.*does not match"):
         fetch(str(mpath), dest, progress=False)
-    assert not (dest / "served" / "v.tif").exists()
-    assert not [p for p in (dest / "served").iterdir() if "v" in p.name]
+    assert not (dest / "served").exists()  # the folder made for the failed download is removed
     # A truncated file cannot even be decoded: also refused, also removed.
     raw = (served / "l.tif").read_bytes()
     (served / "v.tif").write_bytes(raw[: len(raw) // 2])
     with pytest.raises(CellP2PError, match="does not match"):
         fetch(str(mpath), dest, progress=False)
-    assert not [p for p in (dest / "served").iterdir() if p.name != "l.tif"]
+    assert not (dest / "served").exists()
 
 
 def test_fetch_http_error_and_existing_mismatch(tmp_path: Path, server) -> None:

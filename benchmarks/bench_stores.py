@@ -8,7 +8,9 @@ uncompressed pixels; reads come from the page cache (files were just written), a
 epoch of training would. Peak RSS: every measurement is its own child process that writes or
 reads one volume slice by slice and reports ``getrusage(RUSAGE_SELF).ru_maxrss``; the same for
 16 and 256 slices of 2048² shows whether memory grows with the volume. ``procs``: one volume
-written by 1 process, then by 2 (each its chunk-aligned half, as under torchrun).
+written by 1 process, then by 2 (each its chunk-aligned half, as under torchrun). ``predict``:
+``cellp2p predict`` of one OME-Zarr volume into a store by 1 process and by torchrun's 2.
+``predict_rss``: peak RSS of that prediction (one process) for 16 and 128 slices.
 
     .venv/bin/python benchmarks/bench_stores.py                 # ~2-3 min on 2 cores
     .venv/bin/python benchmarks/bench_stores.py --quick         # ~30 s, smaller volumes
@@ -39,8 +41,22 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 SIZES = {
-    "default": dict(tp=(64, 1024), rss=[(16, 2048), (256, 2048)], procs=(128, 1024), repeats=3),
-    "quick": dict(tp=(16, 512), rss=[(8, 1024), (64, 1024)], procs=(16, 512), repeats=2),
+    "default": dict(
+        tp=(64, 1024),
+        rss=[(16, 2048), (256, 2048)],
+        procs=(128, 1024),
+        repeats=3,
+        predict=(32, 1024),
+        predict_rss=[(16, 1024), (128, 1024)],
+    ),
+    "quick": dict(
+        tp=(16, 512),
+        rss=[(8, 1024), (64, 1024)],
+        procs=(16, 512),
+        repeats=2,
+        predict=(8, 512),
+        predict_rss=[(16, 512), (128, 512)],
+    ),
 }
 
 
@@ -289,6 +305,85 @@ def bench_procs(tmp: Path, nz: int, size: int) -> list[dict[str, Any]]:
     return rows
 
 
+# -- prediction through a store: 1 process against 2 ----------------------------------------
+
+
+def tiny_run(tmp: Path) -> Path:
+    """A small U-Net (depth 2, base 8) trained for a few steps on synthetic EM: a checkpoint."""
+    from cellp2p.config import TrainConfig
+    from cellp2p.io import write_stack
+    from cellp2p.synth import make_em
+
+    vol, lab = make_em(4, (64, 64), seed=0)
+    v, lb = write_stack(tmp / "tv.tif", vol), write_stack(tmp / "tl.tif", lab)
+    cfg = TrainConfig(volume=str(v), labels=str(lb), crop=32, batch_size=2, max_steps=2,
+                      eval_every=2, device="cpu", quiet=True,
+                      model_overrides={"depth": 2, "base": 8})  # fmt: skip
+    from cellp2p.train import train
+
+    train(cfg, tmp / "run")
+    return tmp / "run"
+
+
+def bench_predict(tmp: Path, nz: int, size: int) -> list[dict[str, Any]]:
+    """Wall time of ``cellp2p predict`` of one OME-Zarr volume into a store: 1 vs 2 processes.
+
+    1 process with 2 threads and with 1; 2 processes (torchrun, gloo) with 1 thread each, each
+    predicting its chunk-aligned half of the volume. Times include starting Python and torch.
+    """
+    run = tiny_run(tmp)
+    src = tmp / "in.zarr"
+    write_zarr(src, np.load(base_file(tmp, size)), nz)
+    pred = [sys.executable, "-m", "cellp2p", "predict", str(src), "--model", str(run)]
+    pred += ["--device", "cpu", "--quiet", "--force"]
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone"]
+    rows = []
+    for procs, threads in ((1, 2), (1, 1), (2, 1)):
+        out = tmp / f"pred{procs}x{threads}.zarr"
+        cmd = pred if procs == 1 else [*torchrun, f"--nproc_per_node={procs}", *pred[1:]]
+        env = {**os.environ, "OMP_NUM_THREADS": str(threads), "PYTHONWARNINGS": "ignore"}
+        env["PYTHONPATH"] = str(ROOT)
+        t0 = time.perf_counter()
+        subprocess.run([*cmd, "-o", str(out)], check=True, env=env, capture_output=True)
+        wall = time.perf_counter() - t0
+        rows.append({"processes": procs, "threads_each": threads, "volume": f"{nz} x {size}²",
+                     "seconds": round(wall, 2), "slices_per_s": round(nz / wall, 2)})  # fmt: skip
+    from cellp2p.io import read_stack
+
+    ref = read_stack(tmp / "pred1x1.zarr").data
+    for row in rows:
+        got = read_stack(tmp / f"pred{row['processes']}x{row['threads_each']}.zarr").data
+        row["max_abs_diff_vs_1x1"] = float(np.abs(got - ref).max())
+    return rows
+
+
+def bench_predict_rss(tmp: Path, configs: list[tuple[int, int]]) -> list[dict[str, Any]]:
+    """Peak RSS of ``cellp2p predict`` store -> store (1 process, 1 thread) against slices."""
+    run = tiny_run(tmp) if not (tmp / "run").is_dir() else tmp / "run"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
+    env["PYTHONPATH"] = str(ROOT)
+    rows = []
+    for nz, size in configs:
+        src, out = tmp / f"rss{nz}_{size}.zarr", tmp / f"rss{nz}_{size}_pred.zarr"
+        write_zarr(src, np.load(base_file(tmp, size)), nz)
+        cmd = [sys.executable, "-m", "cellp2p", "predict", str(src), "--model", str(run)]
+        cmd += ["-o", str(out), "--device", "cpu", "--quiet", "--force"]
+        t0 = time.perf_counter()
+        proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL)
+        _, status, usage = os.wait4(proc.pid, 0)
+        proc.returncode = os.waitstatus_to_exitcode(status)
+        if proc.returncode:
+            raise SystemExit(f"predict of {src} failed ({proc.returncode})")
+        rows.append({"slices": nz, "size": size, "peak_MiB": round(usage.ru_maxrss / 1024, 1),
+                     "seconds": round(time.perf_counter() - t0, 2)})  # fmt: skip
+        remove(src)
+        remove(out)
+    first = rows[0]["peak_MiB"]
+    for row in rows:
+        row["vs_first"] = f"{100 * (row['peak_MiB'] / first - 1):+.1f} %"
+    return rows
+
+
 # -- report -----------------------------------------------------------------------------------
 
 
@@ -305,7 +400,11 @@ def main(argv: list[str] | None = None) -> None:
     """Run the chosen benchmarks, print their tables, and optionally save JSON."""
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="smaller volumes (~30 s)")
-    ap.add_argument("--only", default="throughput,rss,procs", help="comma-separated sections")
+    ap.add_argument(
+        "--only",
+        default="throughput,rss,procs,predict,predict_rss",
+        help="comma-separated sections",
+    )
     ap.add_argument("--json", type=Path, help="also write the results to this file")
     ap.add_argument("--child", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
@@ -334,6 +433,13 @@ def main(argv: list[str] | None = None) -> None:
             result["procs"] = rows = bench_procs(tmp, *sizes["procs"])
             print(table(rows, ["processes", "volume", "seconds", "MB_s", "slowest_rank_write_s"]))
             print()
+        if "predict" in only:
+            result["predict"] = rows = bench_predict(tmp, *sizes["predict"])
+            cols = ["processes", "threads_each", "volume", "seconds", "slices_per_s"]
+            print(table(rows, [*cols, "max_abs_diff_vs_1x1"]), "\n")
+        if "predict_rss" in only:
+            result["predict_rss"] = rows = bench_predict_rss(tmp, sizes["predict_rss"])
+            print(table(rows, ["slices", "size", "peak_MiB", "vs_first", "seconds"]), "\n")
     result["load_avg_end"] = os.getloadavg()[0]
     print(f"load average (1 min): {result['load_avg_start']:.2f} -> {result['load_avg_end']:.2f}")
     if args.json:

@@ -23,6 +23,8 @@ OPTIONS: dict[str, dict[str, Any]] = {
     "labels": {},
     "manifest": {},
     "data_dir": {},
+    "ab": {},
+    "ab_val": {},
     "max_steps": {"default": DEFAULT_STEPS, "help": "Steps per run."},
     "preset": {},
     "crop": {},
@@ -47,7 +49,7 @@ VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {
     "l1_cgan": ("L1+cGAN", {"mode": "pix2pix", "unconditional": False}),
 }
 # What compare writes into the ablation's folder.
-REPORT_OUTPUTS = ("report.md", "report.html", "report.json", "loss_curves.png", "panels")
+ABLATION_OUTPUTS = ("runs", "report.md", "report.html", "report.json", "loss_curves.png", "panels")
 # Options that may differ between an existing run folder and this ablation's request without
 # making the run a different experiment (where it runs, how it logs, and the planned length).
 _RUNTIME_KEYS = {"device", "quiet", "num_workers", "precision", "max_steps", "eval_every"}
@@ -67,7 +69,8 @@ def base_config(base: Any = None, **options: Any) -> dict[str, Any]:
     if values.get("eval_every") is None and isinstance(values["max_steps"], int):
         values["eval_every"] = max(1, values["max_steps"] // 10)
     if values.get("task") is None:
-        values["task"] = "translate" if values.get("direction") == "BtoA" else "segment"
+        translate = values.get("direction") == "BtoA" or values.get("ab")
+        values["task"] = "translate" if translate else "segment"
     return asdict(TrainConfig.from_dict(values, "ablate"))  # every field, each of its type
 
 
@@ -156,11 +159,12 @@ def ablate(
 
     shared = base_config(base, **options)
     configs = variant_configs(shared, variants)
-    claim_ablation(Path(out), configs, force)
+    check_ablation(Path(out), configs, force)
     runs = {
         name: _train_variant(i, len(configs), name, cfg, Path(out), echo)
         for i, (name, cfg) in enumerate(configs.items(), start=1)
     }
+    claim_ablation(Path(out), force)
     title = (
         f"cellp2p ablation: {shared['task']} {shared['direction']}, {shared['max_steps']} steps "
         f"x batch {shared['batch_size']} x crop {shared['crop']}, preset {shared['preset']}, "
@@ -179,24 +183,29 @@ def ablate(
     return {"runs": {k: str(v) for k, v in runs.items()}, "report": report}
 
 
-def claim_ablation(out: Path, configs: Mapping[str, Any], force: bool) -> None:
-    """Check OUT and each variant's run folder (refusing with one line), then claim OUT.
+def check_ablation(out: Path, configs: Mapping[str, Any], force: bool) -> None:
+    """Refuse (one line, nothing written) an OUT that is not new, empty or an ablation's, and
+    any variant folder trained with other settings; the runs create their folders only once
+    their data has been read."""
+    from cellp2p.fsutil import check_claim
 
-    The ablation's folder is a report folder (the comparison is written there) holding
-    ``runs/``; one written before folders carried a marker is recognised by its runs.
-    """
-    from cellp2p.fsutil import check_claim, claim_folder
-
-    outputs = ("runs", *REPORT_OUTPUTS)
     earlier = _earlier_ablation(out)
-    check_claim(out, "report", force or earlier, () if earlier else outputs)
+    check_claim(out, "report", force or earlier, () if earlier else ABLATION_OUTPUTS)
     for name, cfg in configs.items():
         run_state(out / "runs" / name, cfg)  # refuses a run trained with other settings
-    claim_folder(out, "report", force or earlier, () if earlier else outputs)
+
+
+def claim_ablation(out: Path, force: bool) -> None:
+    """Mark OUT as the ablation's (a report folder holding ``runs/``) once its runs exist."""
+    from cellp2p.fsutil import claim_folder
+
+    earlier = _earlier_ablation(out)
+    claim_folder(out, "report", force or earlier, () if earlier else ABLATION_OUTPUTS)
 
 
 def _earlier_ablation(out: Path) -> bool:
-    """Whether OUT holds an ablation from before markers: only cellp2p runs under runs/."""
+    """Whether OUT holds an ablation without its marker (one from before markers, or one whose
+    runs are training): only cellp2p runs of variants under runs/."""
     from cellp2p.fsutil import folder_kind
 
     runs = out / "runs"

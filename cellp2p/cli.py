@@ -6,7 +6,6 @@ generated from the table in :mod:`cellp2p.config`; other choice lists come from 
 
 from __future__ import annotations
 
-import errno
 import json
 import sys
 from collections.abc import Callable
@@ -18,7 +17,7 @@ from click.core import ParameterSource
 
 from cellp2p import __version__
 from cellp2p.demo import DEFAULT_STEPS as DEMO_STEPS
-from cellp2p.errors import CellP2PError
+from cellp2p.errors import CellP2PError, os_error_line
 
 if TYPE_CHECKING:  # the table imports torch (through its choice lists): only when used
     from cellp2p.config import TrainConfig
@@ -36,34 +35,11 @@ class Group(click.Group):
             click.echo("Interrupted.", err=True)
             ctx.exit(130)
         except OSError as err:  # a file system refusal the library did not foresee: one line
-            raise click.ClickException(_os_error_line(err)) from None
+            raise click.ClickException(os_error_line(err)) from None
         except MemoryError:
             raise click.ClickException(
                 "out of memory: use smaller inputs or a smaller --batch-size, --crop or --tile"
             ) from None
-
-
-_OS_ERROR_HINTS = {
-    errno.ENOSPC: "disk full; free space or choose another folder",
-    errno.EDQUOT: "disk quota exceeded; free space or choose another folder",
-    errno.EACCES: "permission denied; check its permissions or choose another path",
-    errno.EPERM: "permission denied; check its permissions or choose another path",
-    errno.EROFS: "read-only file system; choose another folder",
-    errno.ENOTDIR: "a part of the path is a file, not a folder; choose another path",
-    errno.EISDIR: "is a folder; give a file",
-    errno.ENOENT: "no such file or folder; check the path",
-}
-
-
-def _os_error_line(err: OSError) -> str:
-    """One line for an OSError: the file it names, and what to do."""
-    from cellp2p.fsutil import is_disk_full
-
-    where = next((f for f in (err.filename, err.filename2) if f is not None), "a file")
-    if is_disk_full(err):
-        return f"{where}: disk full ({err.strerror or err}); free space or choose another folder"
-    what = _OS_ERROR_HINTS.get(err.errno) or f"{err.strerror or err}; check the path"
-    return f"{where}: {what}"
 
 
 @click.group(cls=Group, context_settings={"help_option_names": ["-h", "--help"]})
@@ -302,6 +278,9 @@ def _evaluate_options() -> list[click.Parameter]:
     kinds = [o for o in OUTPUTS if o != "image"]  # what `predict --output` writes for segment
     return [
         table_option("task", help="Segmentation or image metrics."),
+        table_option(
+            "direction", help="With --ab: the run's direction (AtoB scores against the B halves)."
+        ),
         click.Option(
             ["--kind"],
             type=click.Choice(kinds),
@@ -317,16 +296,21 @@ def _evaluate_options() -> list[click.Parameter]:
 @click.option(
     "--labels",
     type=click.Path(path_type=Path),
-    required=True,
     help="Ground truth: labels (segment) or target images (translate).",
+)
+@click.option(
+    "--ab",
+    type=click.Path(path_type=Path),
+    help="Instead of --labels: the pix2pix AB images PRED (a folder of PNGs) was predicted from.",
 )
 @click.option("--slices", help="Label slices to score, e.g. 25-29 (default: all).")
 @click.option("--data-range", type=float, help="Translate: intensity range [target dtype range].")
 @click.option(
     "--json", "json_path", type=click.Path(path_type=Path), help="Write the metrics as JSON."
 )
-def evaluate(pred: Path, labels: Path, json_path: Path | None, **params: Any) -> None:
-    """Score a prediction stack PRED against --labels: a per-slice table and the mean.
+@click.option("--force", is_flag=True, help="Replace an existing --json file.")
+def evaluate(pred: Path, labels: Path | None, json_path: Path | None, **params: Any) -> None:
+    """Score a prediction stack PRED against --labels (or --ab): a per-slice table and the mean.
 
     \b
     segment:   pixel error, Dice/IoU per class, ISBI 2012 V_rand/V_info (best over
@@ -341,8 +325,18 @@ def evaluate(pred: Path, labels: Path, json_path: Path | None, **params: Any) ->
 
 
 def _compare_options() -> list[click.Parameter]:
-    """The data options and --device of the table."""
-    return [table_option(name) for name in (*_DATA_FIELDS, "device")]
+    """The data options and --device of the table; --checkpoint from cellp2p.compare."""
+    from cellp2p.compare import CHECKPOINTS
+
+    ab = table_option("ab", help="Folder of pix2pix AB images to score on (not the stacks).")
+    checkpoint = click.Option(
+        ["--checkpoint"],
+        type=click.Choice(CHECKPOINTS),
+        default=CHECKPOINTS[0],
+        show_default=True,
+        help="Which weights to score (best.pt was chosen on the validation slices).",
+    )
+    return [*(table_option(name) for name in (*_DATA_FIELDS, "device")), ab, checkpoint]
 
 
 @main.command(cls=TableCommand, options=_compare_options)
@@ -356,11 +350,9 @@ def _compare_options() -> list[click.Parameter]:
 )
 @click.option("--names", help="Comma-separated row names, one per run [folder names].")
 @click.option(
-    "--checkpoint",
-    type=click.Choice(["last", "best"]),
-    default="last",
-    show_default=True,
-    help="Which weights to score (best.pt was chosen on the validation slices).",
+    "--force",
+    is_flag=True,
+    help="Write the report into an existing folder that holds other files (none is changed).",
 )
 def compare(runs: tuple[Path, ...], names: str | None, **params: Any) -> None:
     """Compare trained RUNS on the same held-out slices; writes report.md/.json/.html to --out.
@@ -454,13 +446,15 @@ def _predict_options() -> list[click.Parameter]:
     "-m",
     required=True,
     type=click.Path(path_type=Path),
-    help="Run folder (uses checkpoints/best.pt, else last.pt) or a .pt checkpoint.",
+    help="Run folder (uses checkpoints/best.pt, else last.pt), a .pt checkpoint, or an export: "
+    "bioimage.io .zip or folder, TorchScript .pt, .onnx.",
 )
 @click.option(
     "-o",
     "--out",
     type=click.Path(path_type=Path),
-    help="Output .tif for one input, or a folder [default: NAME_pred.tif next to each input].",
+    help="Output .tif or .zarr for one input, or a folder [default: NAME_pred.tif (a store: "
+    "NAME_pred.zarr) next to each input].",
 )
 @click.option(
     "--overlap", type=float, default=0.25, show_default=True, help="Tile overlap fraction."
@@ -477,8 +471,20 @@ def _predict_options() -> list[click.Parameter]:
     help="Keep Dropout layers active (pix2pix-style noise); batch norm stays in eval mode.",
 )
 @click.option("--slices", help="Predict only these slices, e.g. 25-29 or 0,2,4-9.")
+@click.option(
+    "--resume", is_flag=True, help="Finish an interrupted .zarr output (only missing chunks)."
+)
+@click.option(
+    "--level", type=click.IntRange(min=0), default=0, help="Pyramid level of an OME-Zarr input."
+)
+@click.option(
+    "--ab",
+    is_flag=True,
+    help="STACKS are pix2pix AB images (folders or files): the input half in, the generated "
+    "half out as 8-bit PNG of the same name into -o [NAME_pred/].",
+)
 def predict(stacks: tuple[Path, ...], model: Path, **params: Any) -> None:
-    """Apply a trained run to STACK... (TIFF stacks, 2D images or folders of images).
+    """Apply a trained run to STACK... (TIFF stacks, 2D images, folders, OME-Zarr/zarr/HDF5).
 
     \b
     Any slice size: tiled sliding-window inference with Gaussian blending. Stacks are read
@@ -486,8 +492,92 @@ def predict(stacks: tuple[Path, ...], model: Path, **params: Any) -> None:
     """
     from cellp2p.predict import predict_stack
 
+    if params.pop("ab"):  # issue 18: pix2pix AB images to PNGs
+        from cellp2p.ab import predict_ab as predict_stack  # type: ignore[assignment]
     for path in predict_stack(stacks, model, **params):
         click.echo(f"wrote {path}")
+
+
+# -- export ------------------------------------------------------------------------------------
+
+
+def _export_options() -> list[click.Parameter]:
+    """--format from cellp2p.export (which imports torch: built on first use)."""
+    from cellp2p.export import FORMATS
+
+    return [
+        click.Option(
+            ["--format", "fmt"],
+            required=True,
+            type=click.Choice(FORMATS),
+            help="bioimageio: a bioimage.io model package (.zip, raw intensities in); "
+            "torchscript (.pt) or onnx (.onnx): one file taking the normalised input.",
+        )
+    ]
+
+
+@main.command(cls=TableCommand, options=_export_options)
+@click.argument("run", type=click.Path(path_type=Path))
+@click.option(
+    "-o",
+    "--out",
+    required=True,
+    type=click.Path(path_type=Path),
+    help="Output file (.zip, .pt or .onnx), or a folder for RUN_FORMAT.zip|pt|onnx.",
+)
+@click.option(
+    "--checkpoint",
+    type=click.Choice(["best", "last"]),
+    default="best",
+    show_default=True,
+    help="Checkpoint of a run folder (best falls back to last.pt when there is none).",
+)
+@click.option(
+    "--authors",
+    multiple=True,
+    help="An author of a bioimage.io package, 'Name' or 'Name <email>'; repeat for several "
+    "[default: cellp2p user].",
+)
+@click.option(
+    "--license",
+    "license_",
+    default="MIT",
+    show_default=True,
+    help="SPDX licence id of a bioimage.io package.",
+)
+@click.option("--force", is_flag=True, help="Overwrite an existing output.")
+def export(
+    run: Path,
+    fmt: str,
+    out: Path,
+    checkpoint: str,
+    authors: tuple[str, ...],
+    license_: str,
+    force: bool,
+) -> None:
+    """Export RUN (a run folder or a .pt checkpoint) for use outside cellp2p.
+
+    \b
+    bioimage.io packages run in Fiji (deepImageJ), ilastik and bioimageio.core; TorchScript
+    and ONNX files take the normalised input and give outputs in [0, 1]. The export is run on
+    a validation crop and checked against the checkpoint (1e-4) before anything is written.
+    """
+    import time
+
+    from cellp2p.export import export_model
+
+    start = time.perf_counter()
+    path = export_model(
+        run,
+        fmt,
+        out,
+        checkpoint=checkpoint,
+        authors=list(authors) or None,
+        license=license_,
+        force=force,
+    )
+    size = path.stat().st_size / 1e6
+    click.echo(f"wrote {path} ({size:.1f} MB, {time.perf_counter() - start:.0f} s)")
 
 
 # -- demo --------------------------------------------------------------------------------------

@@ -56,6 +56,10 @@ METRICS = {
         "v_info",
         "ap_50",
         "ap_75",
+        "ap_mean",
+        "rand_error_dense",
+        "v_rand_best",
+        "v_info_best",
     ),
     "translate": ("mae", "psnr", "ssim"),
 }
@@ -78,6 +82,8 @@ RESUME_FIXED = (
     "labels",
     "manifest",
     "data_dir",
+    "ab",
+    "ab_val",
     "labels_mode",
     "norm_method",
     "train_slices",
@@ -187,6 +193,16 @@ class TrainConfig:
     manifest: str | None = _opt(None, "data", "Data manifest name or JSON path (uses its split).")
     data_dir: str | None = _opt(
         None, "data", f"Where the manifest's files are (default: ${ENV_DATA}).", path=True
+    )
+    ab: str | None = _opt(
+        None,
+        "data",
+        "Folder of pix2pix AB images (A | B side by side; JPEG/PNG/TIFF); --direction picks "
+        "the input half. Trains translation.",
+        path=True,
+    )
+    ab_val: str | None = _opt(
+        None, "data", "Validation AB images [the last fifth of --ab, held out].", path=True
     )
     train_slices: str | None = _opt(None, "data", "Training slices, e.g. 0-24 or 0,2,4-9.")
     val_slices: str | None = _opt(None, "data", "Validation slices, e.g. 25-29.")
@@ -334,6 +350,11 @@ class TrainConfig:
 
     def _check_sources(self) -> None:
         """Training data from a manifest or from two files, not both and not half of either."""
+        if self.ab or self.ab_val:  # AB folders: their own checks (cellp2p.ab)
+            from cellp2p.ab import check_ab_options
+
+            check_ab_options(self)
+            return
         if self.manifest and (self.volume or self.labels):
             raise CellP2PError("give either --manifest or --volume/--labels, not both")
         if self.data_dir and not self.manifest:
@@ -457,7 +478,7 @@ def _same(key: str, a: Any, b: Any) -> bool:
     """Whether two values of option ``key`` mean the same (paths: the same file)."""
     if a == b:
         return True
-    if key in ("volume", "labels", "data_dir") and a is not None and b is not None:
+    if key in ("volume", "labels", "data_dir", "ab", "ab_val") and a is not None and b is not None:
         pa, pb = Path(a), Path(b)
         if pa.resolve() == pb.resolve():
             return True

@@ -16,6 +16,13 @@ import torch
 from cellp2p import checks, distributed, io
 from cellp2p.config import MAX_CLASSES, TrainConfig
 from cellp2p.errors import CellP2PError
+from cellp2p.instances import (
+    instance_target,
+    looks_dense,
+    looks_like_ids,
+    validation_objects,
+    weight_channel,
+)
 from cellp2p.normalization import Normalization
 from cellp2p.slices import format_ranges
 from cellp2p.sources import resolve_sources, split_slices
@@ -36,6 +43,10 @@ class PairedData:
     classes: list[int]
     spacing: tuple[float, float, float] | None
     sources: dict[str, str]
+    val_instances: np.ndarray | None = None  # the validation objects (instance scores, tuning)
+    dense: bool = False  # membrane data: cells fill the slice (dense watershed)
+    instances: bool = False  # trained from instance labels
+    weighted: bool = False  # train_y's last channel: the border weight map (issue 15)
 
     @property
     def in_channels(self) -> int:
@@ -47,7 +58,7 @@ class PairedData:
         """Channels of the network output: one per class for multiclass targets."""
         if self.target_kind == "multiclass":
             return len(self.classes)
-        return self.train_y.shape[1]
+        return self.train_y.shape[1] - int(self.weighted)  # the weights are no output
 
 
 def _target_kind(labels: np.ndarray, path: Path, cfg: TrainConfig) -> tuple[str, list[int]]:
@@ -61,6 +72,10 @@ def _target_kind(labels: np.ndarray, path: Path, cfg: TrainConfig) -> tuple[str,
     if cfg.labels_mode == "binary" or len(values) <= 2:
         checks.binary_labels(labels, path, "binary")
         return "binary", [int(v) for v in values]
+    if cfg.labels_mode in ("auto", "instances") and (
+        cfg.labels_mode == "instances" or looks_like_ids(labels, MAX_CLASSES)
+    ):
+        return "instances", [0, 1, 2]  # issue 15: ids, trained as separated objects
     if cfg.labels_mode == "multiclass" or len(values) <= MAX_CLASSES:
         if len(values) > 256:
             raise CellP2PError(f"{path}: {len(values)} label values is too many classes")
@@ -73,6 +88,10 @@ def _target_kind(labels: np.ndarray, path: Path, cfg: TrainConfig) -> tuple[str,
 
 def load_data(cfg: TrainConfig, norms: dict[str, Any] | None = None) -> PairedData:
     """Read, validate, split and normalise the training pair (``norms``: a checkpoint's)."""
+    if cfg.ab:  # a folder of pix2pix AB images (issue 18)
+        from cellp2p.ab import load_ab_data
+
+        return load_ab_data(cfg, norms)
     src = resolve_sources(cfg.volume, cfg.labels, cfg.manifest, cfg.data_dir)
     vpath, lpath = src.volume, src.labels
     volume = io.read_stack(vpath)
@@ -84,7 +103,12 @@ def load_data(cfg: TrainConfig, norms: dict[str, Any] | None = None) -> PairedDa
     train_ids, val_ids = split_slices(n, cfg.train_slices, cfg.val_slices, src.split, vpath)
     check_overlap(cfg, train_ids, val_ids, vpath)
     kind, classes = _target_kind(labels.data, lpath, cfg)
-    target = _target(labels.data, lpath, kind, classes, cfg)
+    instances = kind == "instances"
+    if instances:  # boundary classes (U-Net) or the separated foreground (pix2pix)
+        scheme = getattr(cfg, "instance_target", None)  # a TrainConfig field to come
+        kind, classes, target = instance_target(labels.data, cfg.mode, str(lpath), scheme)
+    else:
+        target = _target(labels.data, lpath, kind, classes, cfg)
     source = volume.data if volume.data.ndim == 4 else volume.data[:, None]
     if cfg.direction == "BtoA":
         if cfg.task != "translate":
@@ -101,6 +125,7 @@ def load_data(cfg: TrainConfig, norms: dict[str, Any] | None = None) -> PairedDa
         t_norm = Normalization.fit(target[train_ids], cfg.norm_method) if fit_target else None
     x = in_norm.apply(source)
     y = np.clip(t_norm.apply(target), 0.0, 1.0) if t_norm else target.astype(np.float32)
+    weights = None if kind == "image" else weight_channel(labels.data, instances, cfg)
     H, W = x.shape[-2:]
     if cfg.crop > min(H, W):
         raise CellP2PError(
@@ -109,7 +134,7 @@ def load_data(cfg: TrainConfig, norms: dict[str, Any] | None = None) -> PairedDa
         )
     return PairedData(
         train_x=x[train_ids],
-        train_y=y[train_ids],
+        train_y=y[train_ids] if weights is None else np.concatenate([y, weights], 1)[train_ids],
         val_x=x[val_ids],
         val_y=y[val_ids],
         val_ids=list(val_ids),
@@ -119,6 +144,12 @@ def load_data(cfg: TrainConfig, norms: dict[str, Any] | None = None) -> PairedDa
         classes=classes,
         spacing=volume.spacing,
         sources={"volume": str(vpath), "labels": str(lpath)},
+        val_instances=None
+        if kind == "image"
+        else validation_objects(labels.data[val_ids], instances),
+        dense=kind == "binary" and not instances and looks_dense(labels.data),
+        instances=instances,
+        weighted=weights is not None,
     )
 
 

@@ -45,8 +45,8 @@ def is_exported(path: str | Path) -> bool:
     try:
         with zipfile.ZipFile(path) as archive:
             names = archive.namelist()
-    except (OSError, zipfile.BadZipFile):
-        return False
+    except (OSError, ValueError, zipfile.BadZipFile, zipfile.LargeZipFile):
+        return False  # damaged archives (bad names, bad headers) are judged as checkpoints
     if any(name in RDF_NAMES for name in names):
         return True
     return _is_torchscript(names)

@@ -231,6 +231,41 @@ def save_slice_panel(
     return path
 
 
+def as_shown(image: np.ndarray) -> np.ndarray:
+    """An image (C, Y, X) as it is (no stretch): 8-bit / 255 as (Y, X, 3) or grey (Y, X)."""
+    img = np.asarray(image)
+    if img.ndim == 3:
+        img = np.moveaxis(img, 0, -1) if img.shape[0] == 3 else img[0]
+    if img.dtype == np.uint8:
+        return img.astype(np.float32) / 255.0
+    return display_scale(img if img.ndim == 2 else np.moveaxis(img, -1, 0))
+
+
+def save_ab_panel(
+    path: Path,
+    title: str,
+    a: np.ndarray,
+    b: np.ndarray,
+    names: Sequence[str],
+    outputs: Sequence[np.ndarray],
+    labels: tuple[str, str] = ("A (input)", "B (target)"),
+) -> Path:
+    """A | B | each run's generated image, in one row, the images shown as they are."""
+    plt = _plt()
+    cols = 2 + len(outputs)
+    fig, axes = plt.subplots(1, cols, figsize=(2.6 * cols, 3.0), squeeze=False)
+    for ax in axes.flat:
+        ax.axis("off")
+    _tile(axes[0, 0], as_shown(a), labels[0], vmin=0, vmax=1)
+    _tile(axes[0, 1], as_shown(b), labels[1], vmin=0, vmax=1)
+    for i, (name, out) in enumerate(zip(names, outputs, strict=True)):
+        _tile(axes[0, 2 + i], as_shown(out), name, vmin=0, vmax=1)
+    fig.suptitle(title, fontsize=10)
+    fig.subplots_adjust(left=0.01, right=0.99, bottom=0.01, top=0.82, wspace=0.04)
+    _save_figure(fig, path, dpi=100)
+    return path
+
+
 def _tile(ax: Any, image: np.ndarray, title: str, **imshow: Any) -> None:
     """One image of a panel with its title (grey unless the image is RGB)."""
     options = {"cmap": "gray", **imshow} if np.ndim(image) == 2 else imshow

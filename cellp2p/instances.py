@@ -11,16 +11,21 @@ from __future__ import annotations
 
 import itertools
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 from scipy import ndimage as ndi
-from scipy.optimize import linear_sum_assignment
 
 from cellp2p.errors import CellP2PError
+from cellp2p.metrics import (  # noqa: F401 - re-exported: the instance scores live in metrics
+    IOU_THRESHOLDS,
+    Matching,
+    average_precision,
+    iou_table,
+    match_instances,
+    mean_average_precision,
+)
 
-IOU_THRESHOLDS: tuple[float, ...] = tuple(round(0.5 + 0.05 * k, 2) for k in range(10))
 # Post-processing defaults and tuning grids, nuclei and dense membranes (sweeps: the notes).
 NUCLEI_DEFAULTS: dict[str, Any] = {"threshold": 0.5, "min_distance": 4, "h": 0.5, "min_size": 16}
 DENSE_DEFAULTS: dict[str, Any] = {"threshold": 0.8, "min_distance": 0, "h": 0.0, "min_size": 25}
@@ -106,6 +111,84 @@ def looks_dense(labels: np.ndarray) -> bool:
     """Membrane data (cells fill the slice, ISBI-style): binary labels, >= 50% foreground."""
     a = np.asarray(labels)
     return label_kind(a) == "binary" and a.size > 0 and float(np.mean(a > 0)) >= 0.5
+
+
+def looks_like_ids(labels: np.ndarray, max_classes: int = 16, tol: float = 0.05) -> bool:
+    """Whether a label image of more than two values holds instance ids rather than classes.
+
+    Rule (``--labels-mode auto``): more than ``max_classes`` values are ids; otherwise ids
+    when, in each slice, (nearly) every non-zero value is one 8-connected region (at most
+    ``tol`` of the (slice, value) pairs in pieces). A class map repeats its values over many
+    separate regions (0/128/255 border/interior maps do), so it stays classes.
+    """
+    a = np.asarray(labels)
+    values = np.unique(a)
+    if values.size <= 2:
+        return False
+    if values.size > max_classes:
+        return True
+    eight = np.ones((3, 3), dtype=bool)
+    pairs = pieces = 0
+    for s in a.reshape(-1, *a.shape[-2:]):
+        for v in np.unique(s):
+            if v == 0:
+                continue
+            pairs += 1
+            pieces += ndi.label(s == v, structure=eight)[1] > 1
+    return pairs > 0 and pieces <= tol * pairs
+
+
+INSTANCE_TARGETS = ("boundary", "separated")
+
+
+def instance_target(
+    labels: np.ndarray, mode: str = "unet", name: str = "labels", scheme: str | None = None
+) -> tuple[str, list[int], np.ndarray]:
+    """(target kind, classes, training target (N, 1, Y, X) float32) of instance labels.
+
+    ``scheme`` "separated" (the default; measured best with the U-Net's border weights,
+    benchmarks/RESULTS.md): the binary :func:`separated_foreground`; "boundary" (U-Net
+    only): three classes (0 background, 1 interior, 2 boundary: :func:`boundary_targets`).
+    Bad ids raise.
+    """
+    label_kind(labels, name=name)
+    scheme = scheme or "separated"
+    if scheme == "boundary" and mode == "pix2pix":
+        raise CellP2PError("pix2pix learns images, not classes: use the separated target")
+    if scheme not in INSTANCE_TARGETS:
+        raise CellP2PError(f"instance target {scheme!r} unknown; use {', '.join(INSTANCE_TARGETS)}")
+    if scheme == "separated":
+        return "binary", [0, 1], separated_foreground(labels).astype(np.float32)[:, None]
+    return "multiclass", [0, 1, 2], boundary_targets(labels).astype(np.float32)[:, None]
+
+
+W0, SIGMA = 10.0, 5.0  # the U-Net paper's border weights (px)
+
+
+def weight_channel(labels: np.ndarray, instances: bool, cfg: Any) -> np.ndarray | None:
+    """The border weight map (N, 1, Y, X) to train with, or None (the default).
+
+    U-Net only: on when ``cfg.border_weights``; unset (None) or absent: on for instance labels
+    (measured best), off for binary ones. ``cfg.border_w0`` / ``cfg.border_sigma`` where the
+    config has them (else :data:`W0`, :data:`SIGMA`); ``cfg.border_class_balance`` (default
+    True) keeps the class-balancing term w_c. Objects: the instance ids, or the
+    4-connected components of binary labels (the membranes between cells weigh most).
+    """
+    flag = getattr(cfg, "border_weights", None)
+    if not (instances if flag is None else flag) or getattr(cfg, "mode", "unet") != "unet":
+        return None
+    w0 = getattr(cfg, "border_w0", None)
+    sigma = getattr(cfg, "border_sigma", None)
+    objects = labels if instances else objects_from_binary(labels)
+    balance = bool(getattr(cfg, "border_class_balance", True))
+    w0, sigma = W0 if w0 is None else w0, SIGMA if sigma is None else sigma
+    return border_weight_map(objects, w0, sigma, class_balance=balance)[:, None]
+
+
+def validation_objects(labels: np.ndarray, instances: bool) -> np.ndarray:
+    """The objects validation scores against: the instance ids, or the binary mask's
+    4-connected components."""
+    return np.asarray(labels) if instances else objects_from_binary(labels)
 
 
 # -- training targets ---------------------------------------------------------------------------
@@ -376,6 +459,104 @@ def watershed_instances(
     return relabel(_absorb_small(labels, elevation, mask, int(par["min_size"])))
 
 
+WATERSHED_KEYS = ("threshold", "min_distance", "h", "min_size")
+
+
+def tuning_maps(prob: np.ndarray, boundary: bool) -> np.ndarray:
+    """Network outputs (N, C, Y, X) in [0, 1] → :func:`tune_postprocessing`'s maps:
+    (N, 2, Y, X) P(object), P(boundary) of three-class boundary models, else (N, Y, X)."""
+    p = np.asarray(prob, dtype=np.float32)
+    if boundary and p.shape[1] == 3:
+        return np.stack([1.0 - p[:, 0], p[:, 2]], 1)
+    return 1.0 - p[:, 0] if p.shape[1] > 2 else p[:, -1]
+
+
+def postprocessing_record(
+    params: Mapping[str, Any] | None, *, dense: bool, boundary: bool
+) -> dict[str, Any]:
+    """What a checkpoint stores as ``"postprocessing"``: plain primitives, checked.
+
+    ``params``: :func:`tune_postprocessing`'s result (None: :func:`default_params`).
+    """
+    par = {**default_params(dense), **dict(params or {})}
+    out: dict[str, Any] = {"method": "watershed", "dense": bool(dense), "boundary": bool(boundary)}
+    out.update(
+        {k: float(par[k]) if k in ("threshold", "h") else int(par[k]) for k in WATERSHED_KEYS}
+    )
+    for k in ("objective", "score", "default_score"):
+        if par.get(k) is not None:
+            out[k] = par[k] if k == "objective" else float(par[k])
+    out["tuned"] = params is not None
+    return out
+
+
+# What training tunes over (dense: h 0 only; h > 0 over-splits EM cells, see the notes).
+TRAIN_GRIDS: dict[bool, dict[str, tuple] | None] = {False: None, True: {"h": (0.0,)}}
+
+
+def tune_run(pred: np.ndarray, data: Any) -> dict[str, Any] | None:
+    """The ``"postprocessing"`` record of a run: the watershed tuned on the validation outputs.
+
+    ``pred``: validation outputs (N, C, Y, X) in [0, 1]; ``data``: the run's
+    :class:`cellp2p.dataset.PairedData`. None (connected components) for translation and
+    class maps, which have no objects to tune on.
+    """
+    objects = getattr(data, "val_instances", None)
+    instances = bool(getattr(data, "instances", False))
+    if objects is None or (data.target_kind != "binary" and not instances):
+        return None
+    boundary = instances and data.target_kind == "multiclass"
+    dense = bool(getattr(data, "dense", False))
+    maps = tuning_maps(pred, boundary)
+    tuned = tune_postprocessing(maps, objects, TRAIN_GRIDS[dense], dense=dense)
+    record = postprocessing_record(tuned, dense=dense, boundary=boundary)
+    cc = _components_score(pred, objects, data.target_kind, dense)
+    record["components_score"] = cc
+    better = tuned["score"] < cc if dense else tuned["score"] > cc
+    if not better:  # the watershed must earn its place on the validation slices
+        record["method"] = "components"
+    return record
+
+
+def _components_score(pred: np.ndarray, objects: np.ndarray, kind: str, dense: bool) -> float:
+    """The tuning objective of connected components at 0.5 (before issue 15): mean AP, or the
+    Rand error of the components grown over the membranes (dense)."""
+    from cellp2p.metrics import rand_info_scores
+    from cellp2p.outputs import instance_labels
+
+    scores = []
+    for p, gt in zip(pred, objects, strict=True):
+        gt = gt if label_kind(gt) == "instances" else objects_from_binary(gt)
+        cc = instance_labels(p, kind, None)
+        if dense:
+            scores.append(1.0 - rand_info_scores(grow_labels(cc), gt)["v_rand"])
+        else:
+            scores.append(mean_average_precision(cc, gt))
+    return float(np.mean(scores)) if scores else 0.0
+
+
+def grow_labels(labels: np.ndarray) -> np.ndarray:
+    """Labels grown over their unlabelled pixels (a dense partition); all 0 stays 0."""
+    if not labels.any() or labels.all():
+        return labels
+    from skimage.segmentation import watershed
+
+    return watershed(np.zeros(labels.shape, np.float32), labels.astype(np.int32), connectivity=1)
+
+
+def check_postprocessing(record: Any, name: str = "checkpoint") -> dict[str, Any] | None:
+    """A checkpoint's ``"postprocessing"`` entry, checked (None: connected components)."""
+    if record is None:
+        return None
+    if not isinstance(record, dict) or record.get("method") not in ("watershed", "components"):
+        raise CellP2PError(f"{name}: post-processing record {record!r} is damaged")
+    for k in WATERSHED_KEYS:
+        v = record.get(k)
+        if v is not None and (isinstance(v, bool) or not isinstance(v, (int, float)) or v < 0):
+            raise CellP2PError(f"{name}: post-processing {k} = {v!r} is not a number >= 0")
+    return dict(record)
+
+
 def _tune_inputs(prob_maps: Any, gt_instances: Any) -> list[tuple[np.ndarray, ...]]:
     """(prob_fg, prob_boundary or None, gt objects) per validation slice, checked."""
     p = np.asarray(prob_maps, dtype=np.float32)
@@ -462,116 +643,3 @@ def tune_postprocessing(
         "score": float(totals[best]),
         "default_score": float(totals[d_key]) if d_key in totals else None,
     }
-
-
-# -- scores -------------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class Matching:
-    """A one-to-one matching of predicted and gt instances at one IoU threshold."""
-
-    tp: int
-    fp: int
-    fn: int
-    pairs: tuple[tuple[int, int, float], ...]  # (pred id, gt id, IoU) of the matches
-
-    @property
-    def ap(self) -> float:
-        """TP / (TP + FP + FN) (DSB 2018's per-threshold "precision"); 1.0 if both are empty."""
-        total = self.tp + self.fp + self.fn
-        return 1.0 if total == 0 else self.tp / total
-
-
-def _as_instances(a: np.ndarray, name: str) -> np.ndarray:
-    """An int64 label image (bool as 0/1), refusing non-integer or negative ids."""
-    a = np.asarray(a)
-    whole = a.dtype == bool or np.issubdtype(a.dtype, np.integer)
-    if not whole and not (np.all(np.isfinite(a)) and np.all(a == np.round(a))):
-        raise CellP2PError(f"{name}: instance labels must be whole ids, got {a.dtype}")
-    a = a.astype(np.int64)
-    if a.size and a.min() < 0:
-        raise CellP2PError(f"{name}: instance ids must be >= 0 (0 = background)")
-    return a
-
-
-def _compact(values: np.ndarray, counts: bool = False) -> tuple[np.ndarray, np.ndarray]:
-    """np.unique's (values, inverse) or (values, counts) of non-negative int64s; by bincount
-    when the values are small (no sort: 5x faster for label images), else by np.unique."""
-    top = int(values.max(initial=0))
-    if top > 4 * values.size + (1 << 16):
-        return np.unique(values, return_counts=counts, return_inverse=not counts)
-    tally = np.bincount(values, minlength=top + 1)
-    present = np.flatnonzero(tally)
-    if counts:
-        return present, tally[present]
-    lut = np.zeros(top + 1, dtype=np.int64)
-    lut[present] = np.arange(present.size)
-    return present, lut[values]
-
-
-def iou_table(pred: np.ndarray, gt: np.ndarray) -> tuple[np.ndarray, ...]:
-    """(pred ids, gt ids, IoU) of every overlapping pair, and the counts (n_pred, n_gt)."""
-    p, t = _as_instances(pred, "prediction"), _as_instances(gt, "ground truth")
-    if p.shape != t.shape:
-        raise CellP2PError(f"instance scores: prediction shape {p.shape} != target {t.shape}")
-    p_ids, p_inv = _compact(p.ravel())
-    g_ids, g_inv = _compact(t.ravel())
-    pairs, inter = _compact(p_inv * g_ids.size + g_inv, counts=True)
-    pi, gi = pairs // g_ids.size, pairs % g_ids.size
-    keep = (p_ids[pi] != 0) & (g_ids[gi] != 0)
-    pi, gi, inter = pi[keep], gi[keep], inter[keep]
-    p_area, g_area = np.bincount(p_inv), np.bincount(g_inv)
-    iou = inter / (p_area[pi] + g_area[gi] - inter)
-    counts = np.array([np.count_nonzero(p_ids), np.count_nonzero(g_ids)])
-    return p_ids[pi], g_ids[gi], iou, counts
-
-
-def _match(table: tuple[np.ndarray, ...], thr: float) -> Matching:
-    """Hungarian matching of the pairs with IoU >= thr: most matches, then most summed IoU."""
-    p_id, g_id, iou, (n_pred, n_gt) = table
-    ok = iou >= thr
-    if not ok.any():
-        return Matching(0, int(n_pred), int(n_gt), ())
-    rows, r = np.unique(p_id[ok], return_inverse=True)
-    cols, c = np.unique(g_id[ok], return_inverse=True)
-    sub = np.zeros((rows.size, cols.size))
-    sub[r, c] = iou[ok]
-    # One match outweighs any IoU sum (< 1/2): cellpose's cost, as cellp2p.metrics uses.
-    cost = -(sub >= thr).astype(np.float64) - sub / (2.0 * max(min(n_pred, n_gt), 1))
-    ri, ci = linear_sum_assignment(cost)
-    hit = sub[ri, ci] >= thr
-    pairs = tuple(
-        (int(rows[a]), int(cols[b]), float(sub[a, b]))
-        for a, b in zip(ri[hit], ci[hit], strict=True)
-    )
-    tp = len(pairs)
-    return Matching(tp, int(n_pred) - tp, int(n_gt) - tp, pairs)
-
-
-def match_instances(pred: np.ndarray, gt: np.ndarray, iou_threshold: float = 0.5) -> Matching:
-    """One-to-one matching (Hungarian on IoU) of predicted and gt instances (ids > 0).
-
-    A pair may match when IoU >= ``iou_threshold`` (cellpose/stardist; DSB 2018 wrote "> t",
-    which differs only on exact ties); the assignment maximises the number of matches, then
-    their summed IoU. Above 0.5 a match is unique anyway. TP = matches, FP = unmatched
-    predictions, FN = unmatched gt objects.
-    """
-    if not 0.0 < iou_threshold <= 1.0:
-        raise CellP2PError(
-            f"instance matching: IoU threshold must be in (0, 1], got {iou_threshold}"
-        )
-    return _match(iou_table(pred, gt), iou_threshold)
-
-
-def average_precision(pred: np.ndarray, gt: np.ndarray, iou_threshold: float = 0.5) -> float:
-    """TP / (TP + FP + FN) at one IoU threshold (1.0 when both images have no objects)."""
-    return match_instances(pred, gt, iou_threshold).ap
-
-
-def mean_average_precision(
-    pred: np.ndarray, gt: np.ndarray, thresholds: Sequence[float] = IOU_THRESHOLDS
-) -> float:
-    """DSB 2018 score of one image: the mean of :func:`average_precision` over IoU 0.5:0.05:0.95."""
-    table = iou_table(pred, gt)
-    return float(np.mean([_match(table, float(t)).ap for t in thresholds]))

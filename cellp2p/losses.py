@@ -40,6 +40,28 @@ def supervised_loss(name: str, num_classes: int = 2) -> Loss:
     raise CellP2PError(f"loss {name!r} unknown; use one of {', '.join(SEG_LOSSES + IMAGE_LOSSES)}")
 
 
+def weighted_loss(name: str, num_classes: int = 2) -> Callable[..., torch.Tensor]:
+    """``loss(logits, y, w)``: per-pixel weighted (B)CE, sum(w·ce) / sum(w) as the U-Net paper's
+    energy, plus the unweighted Dice term of ``bcedice`` / ``dice``."""
+    from monai.losses import DiceLoss
+
+    multiclass = num_classes > 2
+    dice = None
+    if name in ("dice", "bcedice"):
+        dice = DiceLoss(softmax=True, to_onehot_y=True) if multiclass else DiceLoss(sigmoid=True)
+
+    def loss(logits: torch.Tensor, y: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+        """The weighted loss of one batch."""
+        if multiclass:
+            ce = F.cross_entropy(logits, y[:, 0].long(), reduction="none")[:, None]
+        else:
+            ce = F.binary_cross_entropy_with_logits(logits, y, reduction="none")
+        total = (w * ce).sum() / w.sum().clamp_min(1e-8)
+        return total if dice is None else total + dice(logits, y)
+
+    return loss
+
+
 def discriminator_loss(mode: str, real: torch.Tensor, fake: torch.Tensor) -> torch.Tensor:
     """D's objective on logit maps for real and fake pairs (not yet halved)."""
     if mode == "vanilla":

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -17,6 +18,8 @@ from skimage.measure import label as _cc_label
 from skimage.segmentation import watershed
 
 from cellp2p.errors import CellP2PError
+
+IOU_THRESHOLDS: tuple[float, ...] = tuple(round(0.5 + 0.05 * k, 2) for k in range(10))
 
 # The challenge script sweeps 0.0, 0.1, ..., 1.0 with `prob > t`; its last step (0.9999999999999999
 # by float accumulation) only keeps pixels at exactly 1.0, so we stop at 0.9.
@@ -315,51 +318,114 @@ def isbi_scores(
 # ---------------------------------------------------------------------------------------------
 
 
-def average_precision(
-    pred_instances: np.ndarray, gt_instances: np.ndarray, iou_threshold: float = 0.5
-) -> float:
-    """Instance "average precision" TP / (TP + FP + FN) at one IoU threshold (cellpose/stardist).
+@dataclass(frozen=True)
+class Matching:
+    """A one-to-one matching of predicted and gt instances at one IoU threshold."""
 
-    A predicted and a gt instance (ids > 0; 0 is background) match when IoU >= threshold, the
-    cellpose ``metrics.average_precision`` / stardist ``matching`` rule; pairs are assigned
-    one-to-one with the Hungarian algorithm, maximising the number of matches first and the
-    summed IoU second (cellpose's cost). For thresholds > 0.5 a match is unique anyway.
-    TP = matches, FP = unmatched predictions, FN = unmatched gt instances (stardist calls this
-    ratio "accuracy"). Both images empty scores 1.0.
+    tp: int
+    fp: int
+    fn: int
+    pairs: tuple[tuple[int, int, float], ...]  # (pred id, gt id, IoU) of the matches
+
+    @property
+    def ap(self) -> float:
+        """TP / (TP + FP + FN) (DSB 2018's per-threshold "precision"); 1.0 if both are empty."""
+        total = self.tp + self.fp + self.fn
+        return 1.0 if total == 0 else self.tp / total
+
+
+def _as_instances(a: np.ndarray, name: str) -> np.ndarray:
+    """An int64 label image (bool as 0/1), refusing non-integer or negative ids."""
+    a = np.asarray(a)
+    whole = a.dtype == bool or np.issubdtype(a.dtype, np.integer)
+    if not whole and not (np.all(np.isfinite(a)) and np.all(a == np.round(a))):
+        raise CellP2PError(f"{name}: instance labels must be whole ids, got {a.dtype}")
+    a = a.astype(np.int64)
+    if a.size and a.min() < 0:
+        raise CellP2PError(f"{name}: instance ids must be >= 0 (0 = background)")
+    return a
+
+
+def _compact(values: np.ndarray, counts: bool = False) -> tuple[np.ndarray, np.ndarray]:
+    """np.unique's (values, inverse) or (values, counts) of non-negative int64s; by bincount
+    when the values are small (no sort: 5x faster for label images), else by np.unique."""
+    top = int(values.max(initial=0))
+    if top > 4 * values.size + (1 << 16):
+        return np.unique(values, return_counts=counts, return_inverse=not counts)
+    tally = np.bincount(values, minlength=top + 1)
+    present = np.flatnonzero(tally)
+    if counts:
+        return present, tally[present]
+    lut = np.zeros(top + 1, dtype=np.int64)
+    lut[present] = np.arange(present.size)
+    return present, lut[values]
+
+
+def iou_table(pred: np.ndarray, gt: np.ndarray) -> tuple[np.ndarray, ...]:
+    """(pred ids, gt ids, IoU) of every overlapping pair, and the counts (n_pred, n_gt)."""
+    p, t = _as_instances(pred, "prediction"), _as_instances(gt, "ground truth")
+    if p.shape != t.shape:
+        raise CellP2PError(f"instance scores: prediction shape {p.shape} != target {t.shape}")
+    p_ids, p_inv = _compact(p.ravel())
+    g_ids, g_inv = _compact(t.ravel())
+    pairs, inter = _compact(p_inv * g_ids.size + g_inv, counts=True)
+    pi, gi = pairs // g_ids.size, pairs % g_ids.size
+    keep = (p_ids[pi] != 0) & (g_ids[gi] != 0)
+    pi, gi, inter = pi[keep], gi[keep], inter[keep]
+    p_area, g_area = np.bincount(p_inv), np.bincount(g_inv)
+    iou = inter / (p_area[pi] + g_area[gi] - inter)
+    counts = np.array([np.count_nonzero(p_ids), np.count_nonzero(g_ids)])
+    return p_ids[pi], g_ids[gi], iou, counts
+
+
+def _match(table: tuple[np.ndarray, ...], thr: float) -> Matching:
+    """Hungarian matching of the pairs with IoU >= thr: most matches, then most summed IoU."""
+    p_id, g_id, iou, (n_pred, n_gt) = table
+    ok = iou >= thr
+    if not ok.any():
+        return Matching(0, int(n_pred), int(n_gt), ())
+    rows, r = np.unique(p_id[ok], return_inverse=True)
+    cols, c = np.unique(g_id[ok], return_inverse=True)
+    sub = np.zeros((rows.size, cols.size))
+    sub[r, c] = iou[ok]
+    # One match outweighs any IoU sum (< 1/2): cellpose's cost, as cellp2p.metrics uses.
+    cost = -(sub >= thr).astype(np.float64) - sub / (2.0 * max(min(n_pred, n_gt), 1))
+    ri, ci = linear_sum_assignment(cost)
+    hit = sub[ri, ci] >= thr
+    pairs = tuple(
+        (int(rows[a]), int(cols[b]), float(sub[a, b]))
+        for a, b in zip(ri[hit], ci[hit], strict=True)
+    )
+    tp = len(pairs)
+    return Matching(tp, int(n_pred) - tp, int(n_gt) - tp, pairs)
+
+
+def match_instances(pred: np.ndarray, gt: np.ndarray, iou_threshold: float = 0.5) -> Matching:
+    """One-to-one matching (Hungarian on IoU) of predicted and gt instances (ids > 0).
+
+    A pair may match when IoU >= ``iou_threshold`` (cellpose/stardist; DSB 2018 wrote "> t",
+    which differs only on exact ties); the assignment maximises the number of matches, then
+    their summed IoU. Above 0.5 a match is unique anyway. TP = matches, FP = unmatched
+    predictions, FN = unmatched gt objects.
     """
     if not 0.0 < iou_threshold <= 1.0:
         raise CellP2PError(
-            f"average_precision: iou_threshold must be in (0, 1], got {iou_threshold}"
+            f"instance matching: IoU threshold must be in (0, 1], got {iou_threshold}"
         )
-    pred = check_labels(pred_instances, "average_precision pred")
-    gt = check_labels(gt_instances, "average_precision gt")
-    check_same_shape(pred, gt, "average_precision")
-    g_ids, g_inv = np.unique(gt.ravel(), return_inverse=True)
-    p_ids, p_inv = np.unique(pred.ravel(), return_inverse=True)
-    n_true = int(np.count_nonzero(g_ids))
-    n_pred = int(np.count_nonzero(p_ids))
-    if n_true + n_pred == 0:
-        return 1.0
-    g_area, p_area = np.bincount(g_inv), np.bincount(p_inv)
-    # Overlaps of all (gt, pred) pairs that touch, from the sparse contingency table.
-    pairs, inter = np.unique(g_inv.astype(np.int64) * p_ids.size + p_inv, return_counts=True)
-    gi, pi = pairs // p_ids.size, pairs % p_ids.size
-    keep = (g_ids[gi] != 0) & (p_ids[pi] != 0)
-    gi, pi, inter = gi[keep], pi[keep], inter[keep]
-    iou = inter / (g_area[gi] + p_area[pi] - inter)
-    ok = iou >= iou_threshold
-    if not np.any(ok):
-        return 0.0
-    # Hungarian only on the instances that have a candidate partner: small even for big images.
-    rows, r_idx = np.unique(gi[ok], return_inverse=True)
-    cols, c_idx = np.unique(pi[ok], return_inverse=True)
-    sub = np.zeros((rows.size, cols.size))
-    sub[r_idx, c_idx] = iou[ok]
-    n_min = max(min(n_true, n_pred), 1)
-    cost = -(sub >= iou_threshold).astype(np.float64) - sub / (2.0 * n_min)
-    r, c = linear_sum_assignment(cost)
-    tp = int(np.count_nonzero(sub[r, c] >= iou_threshold))
-    return float(tp / (n_true + n_pred - tp))
+    return _match(iou_table(pred, gt), iou_threshold)
+
+
+def average_precision(pred: np.ndarray, gt: np.ndarray, iou_threshold: float = 0.5) -> float:
+    """TP / (TP + FP + FN) at one IoU threshold (1.0 when both images have no objects)."""
+    return match_instances(pred, gt, iou_threshold).ap
+
+
+def mean_average_precision(
+    pred: np.ndarray, gt: np.ndarray, thresholds: Sequence[float] = IOU_THRESHOLDS
+) -> float:
+    """DSB 2018 score of one image: the mean of :func:`average_precision` over IoU 0.5:0.05:0.95."""
+    table = iou_table(pred, gt)
+    return float(np.mean([_match(table, float(t)).ap for t in thresholds]))
 
 
 # ---------------------------------------------------------------------------------------------

@@ -22,6 +22,7 @@ from cellp2p.losses import (
     generator_adv_loss,
     gradient_penalty,
     supervised_loss,
+    weighted_loss,
 )
 from cellp2p.models import build_model
 from cellp2p.models.blocks import center_crop
@@ -80,6 +81,9 @@ class UNetMode(Mode):
         self.train_nets = self.nets
         n_classes = len(data.classes) if self.kind == "multiclass" else 2
         self.loss = supervised_loss(cfg.loss_name(), n_classes)
+        # Issue 15: the border weight map rides as the target's last channel (training only).
+        self.weighted = bool(getattr(data, "weighted", False))
+        self.weighted_loss = weighted_loss(cfg.loss_name(), n_classes) if self.weighted else None
         self.optims = {"unet": make_adam(net, device, lr=cfg.learning_rate())}
         self.device, self.precision = device, precision
 
@@ -89,7 +93,11 @@ class UNetMode(Mode):
         opt.zero_grad(set_to_none=True)
         with autocast(self.device, self.precision):
             out = net(to_model_range(x))
-            loss = self.loss(out.float(), center_crop(y, *out.shape[-2:]))
+            t = center_crop(y, *out.shape[-2:])
+            if self.weighted_loss is not None:
+                loss = self.weighted_loss(out.float(), t[:, :-1], t[:, -1:])
+            else:
+                loss = self.loss(out.float(), t)
         loss.backward()
         opt.step()
         return {"loss": loss.detach()}

@@ -141,13 +141,14 @@ def to_output(
     classes: Sequence[int] = (),
     target_norm: Any = None,
     threshold: float = THRESHOLD,
+    postprocessing: dict[str, Any] | None = None,
 ) -> np.ndarray:
     """One slice of [0, 1] values (C, Y, X) → the output kind.
 
     ``prob``: float32 as is (the channel axis dropped when there is one); ``mask``: uint8 0/255
     (``p > threshold``), or the class values of the argmax for multiclass; ``labels``:
-    4-connected components of the foreground, uint16 (uint32 beyond 65535 objects), numbered
-    per slice; ``image``: the target's dtype and range.
+    instances, uint16 (uint32 beyond 65535 objects), numbered per slice
+    (:func:`instance_labels`); ``image``: the target's dtype and range.
     """
     prob = np.asarray(prob, dtype=np.float32)
     if prob.ndim == 2:
@@ -160,8 +161,45 @@ def to_output(
         if target_kind == "multiclass":
             return np.asarray(classes, dtype=mask_dtype(classes))[prob.argmax(0)]
         return foreground(prob, target_kind, threshold).astype(np.uint8) * np.uint8(255)
+    return instance_labels(prob, target_kind, postprocessing, threshold)
+
+
+def components(mask: np.ndarray) -> np.ndarray:
+    """4-connected components of a mask, uint16 (uint32 beyond 65535 objects)."""
     from skimage.measure import label
 
     # 4-connectivity: cells separated by a one-pixel diagonal membrane stay apart.
-    labels, count = label(foreground(prob, target_kind, threshold), connectivity=1, return_num=True)
+    labels, count = label(mask, connectivity=1, return_num=True)
     return labels.astype(np.uint16 if count <= 65535 else np.uint32)
+
+
+def instance_labels(
+    prob: np.ndarray,
+    target_kind: str,
+    postprocessing: dict[str, Any] | None = None,
+    threshold: float | None = None,
+) -> np.ndarray:
+    """Instance labels of one slice (C, Y, X) in [0, 1].
+
+    ``postprocessing`` (a checkpoint's, :func:`cellp2p.instances.postprocessing_record`): a
+    seeded watershed (:func:`cellp2p.instances.watershed_instances`) on P(object), with
+    P(boundary) for three-class boundary models; absent or ``method`` "components": the
+    4-connected components of the foreground at ``threshold`` (before issue 15). A
+    ``threshold`` other than the default 0.5 replaces the tuned one.
+    """
+    from cellp2p.instances import WATERSHED_KEYS, watershed_instances
+
+    prob = np.asarray(prob, dtype=np.float32)
+    prob = prob[None] if prob.ndim == 2 else prob
+    par = dict(postprocessing or {})
+    if par.get("method", "components") != "watershed":
+        return components(
+            foreground(prob, target_kind, THRESHOLD if threshold is None else threshold)
+        )
+    kw = {k: par[k] for k in WATERSHED_KEYS if par.get(k) is not None}
+    if threshold is not None and threshold != THRESHOLD:
+        kw["threshold"] = float(threshold)
+    dense = bool(par.get("dense", False))
+    if par.get("boundary") and target_kind == "multiclass" and prob.shape[0] == 3:
+        return watershed_instances(1.0 - prob[0], prob[2], dense=dense, **kw)
+    return watershed_instances(foreground_prob(prob, target_kind), dense=dense, **kw)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import functools
 import math
+import sys
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -16,6 +17,7 @@ from torch import nn
 from cellp2p import outputs
 from cellp2p.checks import check_finite_slice
 from cellp2p.errors import CellP2PError
+from cellp2p.instances import check_postprocessing
 from cellp2p.outputs import to_model_range, to_unit
 from cellp2p.tiling import (
     DEFAULT_TILE,
@@ -61,6 +63,7 @@ class Predictor:
         precision: str = "fp32",
         tta: bool = False,
         test_time_dropout: bool = False,
+        postprocessing: dict[str, Any] | None = None,
     ):
         # channels-last convolutions are ~1.8x faster on CPU (oneDNN) and suit tensor cores.
         self.channels_last = device.type in ("cpu", "cuda")
@@ -75,6 +78,7 @@ class Predictor:
         self.device, self.precision = device, precision
         self.tta = tta
         self.test_time_dropout = test_time_dropout
+        self.postprocessing = postprocessing  # ``--output labels``; None: connected components
         self.space = outputs.output_space(net)
         self._plans: dict[tuple[int, int], tuple[int, ...]] = {}
         self.set_eval(test_time_dropout)
@@ -218,15 +222,27 @@ class Predictor:
         )
 
     def to_output(self, prob: np.ndarray, output: str, threshold: float = 0.5) -> np.ndarray:
-        """One slice of [0, 1] values (C_out, Y, X) → the output kind (see :mod:`outputs`)."""
-        return outputs.to_output(
+        """One slice of [0, 1] values (C_out, Y, X) → the output kind (see :mod:`outputs`).
+
+        Labels without any object are an all-zero image, with one note on stderr per predictor.
+        """
+        out = outputs.to_output(
             prob,
             self.resolve_output(output),
             target_kind=self.target_kind,
             classes=self.classes,
             target_norm=self.target_norm,
             threshold=threshold,
+            postprocessing=self.postprocessing,
         )
+        if output == "labels" and not out.any() and not getattr(self, "_noted_empty", False):
+            self._noted_empty = True
+            print(
+                "note: no objects found in a slice (nothing above the threshold): its label "
+                "image is empty",
+                file=sys.stderr,
+            )
+        return out
 
 
 def _section(ckpt: dict[str, Any], key: str, path: Any) -> Any:
@@ -269,7 +285,12 @@ def load_predictor(
     test_time_dropout: bool = False,
     precision: str = "auto",
 ) -> Predictor:
-    """Rebuild the network of a run folder (best.pt, else last.pt) or checkpoint file."""
+    """Rebuild the network of a run folder (best.pt, else last.pt) or checkpoint file, or load
+    an export (bioimage.io package, TorchScript, ONNX: :mod:`cellp2p.exported`)."""
+    from cellp2p.exported import is_exported, load_exported  # exported imports Predictor
+
+    if is_exported(model):
+        return load_exported(model, device, tta=tta, test_time_dropout=test_time_dropout)
     from cellp2p.checkpoint import load_checkpoint
     from cellp2p.runtime import resolve_precision, select_device
 
@@ -332,6 +353,7 @@ def _records(ckpt: dict[str, Any], path: Any, out_channels: int) -> dict[str, An
             "classes": [_int(c) for c in data.get("classes") or []],
             "train_config": dict(ckpt.get("train_config") or {}),
             "record": dict(ckpt.get("record") or {}),
+            "postprocessing": check_postprocessing(ckpt.get("postprocessing"), str(path)),
         }
     except (KeyError, TypeError, ValueError) as err:
         raise CellP2PError(

@@ -142,6 +142,72 @@ def group_table(group: dict, runs: dict[str, dict]) -> Table:
     return Table(header, cells, bold)
 
 
+def split_columns(table: Table, n: int) -> tuple[Table, Table]:
+    """Columns 0..n-1, and column 0 (the run) with columns n… : two narrower tables."""
+
+    def part(cols: list[int]) -> Table:
+        """The table of columns ``cols``."""
+        bold = [[b[j] for j in cols] for b in table.bold] if table.bold else None
+        return Table(
+            [table.header[j] for j in cols], [[r[j] for j in cols] for r in table.rows], bold
+        )
+
+    width = len(table.header)
+    return part(list(range(n))), part([0, *range(n, width)])
+
+
+# The few scores that matter for a task (the headline table), and their short headers.
+HEADLINE = {
+    "segment": (
+        ("pixel_error", "pixel error"),
+        ("dice_1", "Dice"),
+        ("v_rand", "V_rand"),
+        ("ap_50", "AP@0.5"),
+    ),
+    "translate": (("mae", "MAE"), ("psnr", "PSNR"), ("ssim", "SSIM"), ("seg_dice_1", "seg. Dice")),
+}
+HEADLINE_WIDTH = 100  # characters of a Markdown headline table line, at most
+
+
+def _row_values(r: dict) -> dict[str, Any]:
+    """A run row flattened: its fields, its metrics, segmentability as seg_<metric>."""
+    seg = r.get("segmentability") or {}
+    return {**r, **r["metrics"], **{f"seg_{k}": seg.get(k) for k in SEG_SCORE_KEYS}}
+
+
+def headline_table(group: dict, runs: dict[str, dict]) -> Table:
+    """Run, objective, steps and the task's few main scores: fits 100 Markdown columns."""
+    values = [_row_values(runs[n]) for n in group["runs"]]
+    keys = [(k, h) for k, h in HEADLINE[group["task"]] if any(v.get(k) is not None for v in values)]
+    best = {k: _best(values, k) for k, _ in keys}
+    header = ["run", "loss", "steps", *(h for _, h in keys)]
+    rows = [
+        [str(v["run"]), str(v.get("loss") or "-"), _fmt("steps", v.get("steps"))]
+        + [_fmt(k, v.get(k)) for k, _ in keys]
+        for v in values
+    ]
+    bold = [
+        [False] * 3 + [best[k] is not None and v.get(k) == best[k] for k, _ in keys] for v in values
+    ]
+    return _fit(Table(header, rows, bold), HEADLINE_WIDTH)
+
+
+def _fit(table: Table, width: int) -> Table:
+    """Shorten the text columns (run, loss) with "…" until every Markdown line fits ``width``."""
+    rows = [list(r) for r in table.rows]
+    for limit in range(40, 3, -1):
+        fitted = Table(table.header, rows, table.bold)
+        if max(len(line) for line in _md_table(fitted).splitlines()) <= width:
+            return fitted
+        rows = [[_clip(c, limit) if j < 2 else c for j, c in enumerate(r)] for r in rows]
+    return Table(table.header, rows, table.bold)
+
+
+def _clip(text: str, limit: int) -> str:
+    """``text`` cut to ``limit`` characters, the cut marked with "…"."""
+    return text if len(text) <= limit else text[: limit - 1] + "…"
+
+
 def _seg_table(seg: dict) -> Table:
     """Segmentability table: the segmenter on real images (ceiling), then on each run's images."""
     header = ["images", *SEG_SCORE_KEYS]
@@ -156,6 +222,13 @@ GROUP_TITLES = {
     ("translate", "AtoB"): "Translation (volume → labels image)",
     ("translate", "BtoA"): "Translation (labels → volume)",
 }
+
+AB_LEGEND = "A | B | each run's generated image, shown as they are (no contrast stretch)"
+SUMMARY_NOTE = (
+    "The main scores of each run, the best of each column in bold (pixel error and MAE: lower "
+    "is better; the others: higher). Every score and the run details follow."
+)
+SEG_NOTE = " seg. Dice: the segmenter's Dice on the generated images (segmentability)."
 
 NOTES = [
     "Metrics are means over the held-out slices; the best value of each column is in bold.",
@@ -175,26 +248,46 @@ NOTES = [
 
 def build_sections(report: dict) -> list[Section]:
     """The report as sections: settings, one table per group, segmentability, notes, figures."""
-    data = report["data"]
-    src = f"manifest `{data['manifest']}`" if data.get("manifest") else f"`{data['volume']}`"
-    intro = (
-        f"Data: {src} (labels `{data['labels']}`); held-out slices "
-        f"{format_ranges(report['slices'])} ({report['slices_from']}); "
-        f"checkpoint: {report['checkpoint']}."
-    )
-    sections = [Section(report["title"], [intro], level=1)]
+    sections = [Section(report["title"], [_intro(report)], level=1)]
     groups = report["groups"]
-    sections += [Section(g["title"], [group_table(g, report["runs"])]) for g in groups]
+    summary: list[Block] = []
+    for g in groups:
+        summary += [f"{g['title']}:", headline_table(g, report["runs"])]
+    has_seg = any(g.get("segmentability") for g in groups)
+    summary.append(SUMMARY_NOTE + (SEG_NOTE if has_seg else ""))
+    sections.append(Section("Summary", summary))
+    for g in groups:  # the runs (objective, size, speed), then every score
+        runs_part, scores = split_columns(group_table(g, report["runs"]), len(RUN_COLUMNS))
+        sections.append(Section(f"Details: {g['title']}", [runs_part, scores]))
     sections += [_seg_section(g) for g in groups if g.get("segmentability")]
     sections.append(Section("Notes", [Bullets(NOTES)]))
     curves = report["files"]["loss_curves"]
     sections.append(Section("Loss curves", [Image(curves, "loss curves")]))
     slices: list[Block] = []
     for g in groups:
-        slices.append(f"{g['title']}: {ERROR_LEGEND[g['task']]}.")
+        legend = AB_LEGEND if report["data"].get("ab") else ERROR_LEGEND[g["task"]]
+        slices.append(f"{g['title']}: {legend}.")
         slices += [Image(p, Path(p).stem) for p in g["panels"]]
-    sections.append(Section("Slices", slices))
+    sections.append(Section("Images" if report["data"].get("ab") else "Slices", slices))
     return sections
+
+
+def _intro(report: dict) -> str:
+    """The report's first paragraph: data, what was scored, checkpoint."""
+    data = report["data"]
+    if data.get("ab"):
+        names = report.get("images") or []
+        shown = ", ".join(names[:6]) + (f" … ({len(names)} images)" if len(names) > 6 else "")
+        return (
+            f"Data: AB images `{data['ab']}`; scored on {shown} ({report['slices_from']}); "
+            f"checkpoint: {report['checkpoint']}."
+        )
+    src = f"manifest `{data['manifest']}`" if data.get("manifest") else f"`{data['volume']}`"
+    return (
+        f"Data: {src} (labels `{data['labels']}`); held-out slices "
+        f"{format_ranges(report['slices'])} ({report['slices_from']}); "
+        f"checkpoint: {report['checkpoint']}."
+    )
 
 
 def _seg_section(group: dict) -> Section:
@@ -253,7 +346,7 @@ STYLE = (
     "body{font-family:sans-serif;margin:1.5em;max-width:100%}"
     "table{border-collapse:collapse;font-size:13px;margin:0.5em 0 1.5em}"
     "th,td{border:1px solid #ccc;padding:3px 6px;text-align:right;white-space:nowrap}"
-    "th{background:#f3f3f3}td:first-child,th:first-child{text-align:left}"
+    "th{background:#f3f3f3}td:first-child,th:first-child,td.t{text-align:left}"
     ".scroll{overflow-x:auto}img{max-width:100%;display:block;margin:0.5em 0}"
 )
 _CODE = re.compile(r"`([^`]*)`")
@@ -297,8 +390,19 @@ def _html_table(table: Table) -> str:
         cells = [html.escape(c) for c in row]
         if table.bold:
             cells = [f"<b>{c}</b>" if table.bold[i][j] else c for j, c in enumerate(cells)]
-        body.append("<tr>" + "".join(f"<td>{c}</td>" for c in cells) + "</tr>")
+        kinds = ["" if _numeric(raw) else _TEXT for raw in row]
+        tds = [f"<td{k}>{c}</td>" for k, c in zip(kinds, cells, strict=True)]
+        body.append("<tr>" + "".join(tds) + "</tr>")
     return f"<table><thead><tr>{head}</tr></thead><tbody>{''.join(body)}</tbody></table>"
+
+
+_TEXT = " class='t'"  # a text cell (run, mode, loss, preset): left-aligned
+_NUMBER = re.compile(r"^(-|inf|[-+]?\d[\d.]*(e[-+]?\d+)?( (M|k|s|min)| of \d+)?)$")
+
+
+def _numeric(cell: str) -> bool:
+    """Whether a cell holds a number (right-aligned) rather than text."""
+    return bool(_NUMBER.match(cell))
 
 
 def _img_tag(path: Path, alt: str) -> str:

@@ -10,10 +10,17 @@ from typing import Any
 import numpy as np
 
 from cellp2p.errors import CellP2PError
+from cellp2p.instances import (
+    WATERSHED_KEYS,
+    default_params,
+    grow_labels,
+    looks_dense,
+    mean_average_precision,
+    watershed_instances,
+)
 from cellp2p.metrics import (
     DEFAULT_THRESHOLDS,
     average_precision,
-    best_isbi_scores,
     check_labels,
     check_same_shape,
     detect_kind,
@@ -21,6 +28,7 @@ from cellp2p.metrics import (
     mae,
     pixel_error,
     psnr,
+    rand_info_scores,
     segments_from_binary,
     ssim,
     thin_boundaries,
@@ -28,7 +36,7 @@ from cellp2p.metrics import (
 from cellp2p.outputs import THRESHOLD, foreground_prob
 
 # Metrics where a smaller value is better; every other scored metric: larger is better.
-LOWER_IS_BETTER = frozenset({"pixel_error", "mae", "seg_pixel_error"})
+LOWER_IS_BETTER = frozenset({"pixel_error", "mae", "seg_pixel_error", "rand_error_dense"})
 # Reported beside the scores but not a quality (the threshold a best score was found at).
 NOT_RANKED = frozenset({"v_rand_threshold", "v_info_threshold"})
 
@@ -45,8 +53,11 @@ def is_improvement(metric: str, new: float, old: float | None) -> bool:
     return new < old if lower_is_better(metric) else new > old
 
 
-def _segment_slice(p: np.ndarray, t: np.ndarray, kind: str, target_is_labels: bool) -> dict:
-    """All segmentation metrics of one slice (see evaluate_arrays)."""
+def _segment_slice(
+    p: np.ndarray, t: np.ndarray, kind: str, target_is_labels: bool, post: dict | None = None
+) -> dict:
+    """All segmentation metrics of one slice (see evaluate_arrays); ``_sweep``: the V scores of
+    each threshold (the stack-level choice is made over the slices, :func:`_stack_isbi`)."""
     fg = p > THRESHOLD if kind == "prob" else p > 0
     t_fg = t > 0
     row: dict[str, Any] = {"pixel_error": pixel_error(fg, t_fg)}
@@ -58,12 +69,51 @@ def _segment_slice(p: np.ndarray, t: np.ndarray, kind: str, target_is_labels: bo
         cands = [(0.5, thin_boundaries(segments_from_binary(fg)))]
     else:
         cands = [(0.5, thin_boundaries(check_labels(p, "prediction")))]
-    row.update(best_isbi_scores(cands, gt_seg))
-    # Instances for AP: labels as given, otherwise components of the foreground at 0.5.
-    pred_inst = check_labels(p, "prediction") if kind == "labels" else segments_from_binary(fg)
+    row["_sweep"] = [(float(th), rand_info_scores(seg, gt_seg)) for th, seg in cands]
+    dense = not target_is_labels and looks_dense(t_fg)
+    pred_inst = _instances(p, kind, fg, post, dense)
     row["ap_50"] = average_precision(pred_inst, gt_seg, 0.5)
     row["ap_75"] = average_precision(pred_inst, gt_seg, 0.75)
+    row["ap_mean"] = mean_average_precision(pred_inst, gt_seg)  # DSB 2018, IoU 0.5:0.05:0.95
+    if dense:  # membranes: the cells grown over them, as connectomics scores a partition
+        row["rand_error_dense"] = 1.0 - rand_info_scores(grow_labels(pred_inst), gt_seg)["v_rand"]
     return row
+
+
+def _instances(
+    p: np.ndarray, kind: str, fg: np.ndarray, post: dict | None, dense: bool
+) -> np.ndarray:
+    """The instances AP scores: labels as given, a mask's components, or the seeded watershed
+    of a probability map (``post``'s parameters, else the defaults; dense for membranes)."""
+    if kind == "labels":
+        return check_labels(p, "prediction")
+    if kind == "mask":
+        return segments_from_binary(fg)
+    par = {k: v for k, v in (post or default_params(dense)).items() if k in WATERSHED_KEYS}
+    return watershed_instances(p, dense=bool((post or {}).get("dense", dense)), **par)
+
+
+_V_PARTS = {
+    "v_rand": ("v_rand_split", "v_rand_merge"),
+    "v_info": ("v_info_split", "v_info_merge"),
+}
+
+
+def _stack_isbi(rows: list[dict]) -> None:
+    """ISBI scores at stack level, in place: one threshold for the whole stack (the best mean
+    V over the slices, first on ties) for V_rand and V_info each, as the challenge's script;
+    the best threshold of each slice alone stays as ``v_rand_best`` / ``v_info_best`` (an
+    optimistic extra)."""
+    sweeps = [r.pop("_sweep") for r in rows]
+    if not sweeps:
+        return
+    for v, (split, merge) in _V_PARTS.items():
+        means = [np.mean([sw[i][1][v] for sw in sweeps]) for i in range(len(sweeps[0]))]
+        i = int(np.argmax(means))  # the first of equal bests
+        for r, sw in zip(rows, sweeps, strict=True):
+            thr, sc = sw[i]
+            r.update({v: sc[v], split: sc[split], merge: sc[merge], f"{v}_threshold": thr})
+            r[f"{v}_best"] = max(x[1][v] for x in sw)
 
 
 def _default_data_range(target: np.ndarray) -> float:
@@ -88,6 +138,7 @@ def evaluate_arrays(
     data_range: float | None = None,
     slice_ids: Sequence[int] | None = None,
     num_classes: int = 2,
+    postprocessing: dict | None = None,
 ) -> dict:
     """Per-slice and mean metrics of a (Z, Y, X) prediction stack against its target stack.
 
@@ -96,10 +147,14 @@ def evaluate_arrays(
     mask, other floats in [0, 1] -> prob, otherwise labels; scale 8-bit probability maps to
     [0, 1] first); ``target`` is binary (> 0 = interior) or instance labels (more than two
     values). Per slice: pixel_error and dice/iou of classes 0 (boundary) and
-    1 (interior) at prob > 0.5 (> 0 for masks/labels); the ISBI scores of :func:`isbi_scores`
-    (threshold sweep for prob, a single proposal reported at threshold 0.5 otherwise; label
-    predictions are thinned and used as segments); ap_50 / ap_75 of :func:`average_precision`
-    (binary inputs become instances via :func:`segments_from_binary`, prob at 0.5).
+    1 (interior) at prob > 0.5 (> 0 for masks/labels); the ISBI scores at stack level
+    (:func:`_stack_isbi`: one threshold of the 0.0-0.9 sweep for the whole stack, as the
+    challenge's script; ``v_rand_best`` / ``v_info_best``: each slice at its own best, an
+    optimistic extra; masks are one proposal at 0.5; label predictions are thinned and used
+    as segments); ap_50 / ap_75 / ap_mean (DSB 2018, IoU 0.5:0.05:0.95, one-to-one) of the
+    instances: labels as given, a mask's components, a probability map's seeded watershed
+    (``postprocessing``, else the defaults; dense for membrane targets, which also get
+    ``rand_error_dense``: 1 − V_rand of the cells grown over the membranes).
     ``kind`` "classes": ``pred`` and ``target`` are class indices (0 … ``num_classes`` - 1):
     pixel_error and dice/iou per class.
     ``translate``: mae, psnr, ssim with ``data_range`` (default: the target dtype's range for
@@ -119,8 +174,10 @@ def evaluate_arrays(
         kind = _segment_kind(pred, kind)
         target_is_labels = target.dtype != bool and np.unique(target).size > 2
         scores = [
-            _segment_slice(p, t, kind, target_is_labels) for p, t in zip(pred, target, strict=True)
+            _segment_slice(p, t, kind, target_is_labels, postprocessing)
+            for p, t in zip(pred, target, strict=True)
         ]
+        _stack_isbi(scores)
     rows = [{"slice": sid, **row} for sid, row in zip(ids, scores, strict=True)]
     keys = [k for k in rows[0] if k != "slice"] if rows else []
     mean = {k: float(np.mean([r[k] for r in rows])) for k in keys}
@@ -185,14 +242,20 @@ def score_prediction(
 
 
 def score_outputs(
-    pred: np.ndarray, target: np.ndarray, target_kind: str, classes: Sequence[int] = ()
+    pred: np.ndarray,
+    target: np.ndarray,
+    target_kind: str,
+    classes: Sequence[int] = (),
+    objects: np.ndarray | None = None,
 ) -> dict[str, float]:
     """Mean scores of network outputs against training targets, as training validation logs them.
 
     ``pred``: (N, C, Y, X) in [0, 1] (:func:`cellp2p.outputs.to_unit`); ``target``: (N, 1, Y, X)
     0/1 (binary), class indices (multiclass) or (N, C, Y, X) images in [0, 1]. The same
     :func:`evaluate_arrays` that ``evaluate`` and ``compare`` use, so a prediction written by
-    ``predict`` and scored by ``evaluate`` gives the numbers training logged.
+    ``predict`` and scored by ``evaluate`` gives the numbers training logged. ``objects``: the
+    instance labels (N, Y, X) of a run trained from instances: ap_50 / ap_75 / ap_mean of the
+    default watershed (three classes: with P(boundary)) against them are added.
     """
     if target_kind == "binary":
         prob = np.stack([foreground_prob(p, target_kind) for p in pred])
@@ -210,7 +273,33 @@ def score_outputs(
         result = evaluate_arrays(
             flat, target.reshape(-1, *target.shape[-2:]), "translate", data_range=1.0
         )
-    return result["mean"]
+    mean = result["mean"]
+    if objects is not None:
+        mean.update(instance_scores(pred, objects, boundary=target_kind == "multiclass"))
+    return mean
+
+
+def instance_scores(
+    pred: np.ndarray, objects: np.ndarray, boundary: bool, post: dict | None = None
+) -> dict[str, float]:
+    """Mean ap_50, ap_75 and ap_mean of the watershed instances of network outputs (N, C, Y, X)
+    against instance labels (N, Y, X); ``post``: the parameters (None: the defaults)."""
+    from cellp2p.outputs import instance_labels
+
+    post = post or {"method": "watershed", "boundary": boundary, **default_params(False)}
+    kind = "multiclass" if boundary else "binary"
+    rows = []
+    for p, gt in zip(pred, objects, strict=True):
+        inst = instance_labels(p, kind, post)
+        rows.append(
+            (
+                average_precision(inst, gt, 0.5),
+                average_precision(inst, gt, 0.75),
+                mean_average_precision(inst, gt),
+            )
+        )
+    a50, a75, am = np.mean(rows, axis=0) if rows else (0.0, 0.0, 0.0)
+    return {"ap_50": float(a50), "ap_75": float(a75), "ap_mean": float(am)}
 
 
 def _fmt(v: Any) -> str:

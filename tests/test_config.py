@@ -57,7 +57,7 @@ def test_train_options_are_the_table():
     for f in option_fields():
         _assert_matches_table(params[f.name], f, f.default, f.metadata["help"])
     own = set(params) - {f.name for f in option_fields()}
-    assert own == {"out", "resume", "config_file"}
+    assert own == {"out", "resume", "force", "config_file"}
     assert "model_overrides" not in params  # config file only
 
 
@@ -69,7 +69,7 @@ def test_ablate_options_are_the_table_with_its_own_defaults():
         f = config.table_field(name)
         default = own.get("default", f.default)
         _assert_matches_table(params[name], f, default, own.get("help", f.metadata["help"]))
-    assert set(params) - set(shared) == {"out", "variants", "segmenter"}
+    assert set(params) - set(shared) == {"out", "variants", "segmenter", "force"}
 
 
 @pytest.mark.parametrize("command", ["compare", "predict"])
@@ -249,7 +249,7 @@ def test_from_dict_round_trips_and_refuses_unknown_keys():
 def test_train_layers_defaults_file_and_flags(runner, tmp_path, monkeypatch):
     seen = {}
 
-    def fake_train(cfg, out, resume=False, resume_overrides=None):
+    def fake_train(cfg, out, resume=False, force=False, resume_overrides=None):
         seen.update(cfg=cfg, out=out, resume=resume, overrides=resume_overrides)
         return {"step": 0}
 

@@ -324,8 +324,11 @@ def test_evaluate_arrays_segment_stack():
     assert [r["slice"] for r in result["per_slice"]] == [5, 6, 7]
     for row in result["per_slice"]:
         check(row, v_rand=1.0, v_info=1.0, pixel_error=0.0, dice_1=1.0, ap_50=1.0, ap_75=1.0)
-    assert result["per_slice"][2]["v_rand_threshold"] == pytest.approx(0.1)
-    assert result["mean"]["v_rand_threshold"] == pytest.approx(0.3)  # (0.4 + 0.4 + 0.1) / 3
+    # Stack level: one threshold for all slices (the first with the best mean V_rand), though
+    # slice 2 alone would score 1.0 from 0.1 on; the per-slice best is the labelled extra.
+    assert [r["v_rand_threshold"] for r in result["per_slice"]] == pytest.approx([0.4] * 3)
+    assert result["mean"]["v_rand_threshold"] == pytest.approx(0.4)
+    assert result["mean"]["v_rand_best"] == 1.0 and result["mean"]["ap_mean"] >= 0.8
     json.dumps(result, allow_nan=False)  # plain Python numbers only
 
     # Instance labels for both: kind auto-detects labels; merging the two cells of slice 0.
@@ -366,3 +369,13 @@ def test_evaluate_arrays_translate_stack_and_table():
     assert lines[0].split() == ["slice", "mae", "psnr", "ssim"]
     assert len(lines) == 2 + 3 + 1
     assert lines[-1].split()[0] == "mean" and "inf" in lines[-1]
+
+
+def test_isbi_stack_level_threshold_is_not_the_per_slice_best():
+    prob, gt = _two_cells_with_membrane(0.35)  # parted from threshold 0.4 on
+    low = np.where(gt > 0, 0.2, 0.05)  # parted only below 0.2
+    result = evaluate_arrays(np.stack([prob, prob, low]), np.stack([gt, gt, gt]), "segment")
+    mean = result["mean"]
+    assert mean["v_rand_best"] == 1.0  # each slice at its own best threshold
+    assert mean["v_rand"] < 1.0  # one threshold for the stack cannot part every slice
+    assert len({r["v_rand_threshold"] for r in result["per_slice"]}) == 1

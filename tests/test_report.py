@@ -66,7 +66,7 @@ def test_compare_writes_the_full_report(em, runs, tmp_path):
     panels = sorted((out / "panels").glob("*.png"))
     assert len(panels) == 2  # one per held-out slice (both runs segment: one group)
     md = (out / "report.md").read_text()
-    assert len(_table_rows(md, ["unet", "p2p"])) == 2
+    assert len(_table_rows(md, ["unet", "p2p"])) == 6  # headline, details: runs and scores
     assert "v_rand" in md and "ap_50" in md and "![loss curves](loss_curves.png)" in md
     data = json.loads((out / "report.json").read_text())
     assert list(data["runs"]) == ["unet", "p2p"] and len(data["groups"]) == 1
@@ -121,7 +121,7 @@ def test_ablate_trains_six_variants_then_skips_them(em, tmp_path):
     assert list(result["runs"]) == ["unet", "l1", "gan", "cgan", "l1_gan", "l1_cgan"]
     md = (out / "report.md").read_text()
     labels = ["U-Net", "L1", "GAN", "cGAN", "L1+GAN", "L1+cGAN"]
-    assert len(_table_rows(md, labels)) == 6
+    assert len(_table_rows(md, labels)) == 18  # headline, details: runs and scores
     data = json.loads((out / "report.json").read_text())
     losses = {n: r["loss"] for n, r in data["runs"].items()}
     assert losses == {
@@ -143,7 +143,7 @@ def test_ablate_trains_six_variants_then_skips_them(em, tmp_path):
     ablate(**kw, variants=["unet", "l1_cgan"], quiet=True, echo=said.append)
     assert sum("skipped" in s for s in said) == 2
     assert [p.stat().st_mtime_ns for p in sorted(out.glob("runs/*/checkpoints/last.pt"))] == mtimes
-    assert len(_table_rows((out / "report.md").read_text(), labels)) == 2
+    assert len(_table_rows((out / "report.md").read_text(), labels)) == 6
     # A larger budget resumes a finished run from its checkpoint instead of starting over.
     said.clear()
     ablate(**{**kw, "max_steps": 2}, variants=["unet"], quiet=True, echo=said.append)
@@ -207,8 +207,9 @@ def test_markdown_and_html_render_the_same_sections(tmp_path):
     titles = [s.title for s in sections]
     assert titles == [
         "two <runs>",
-        "Seg",
-        "Gen",
+        "Summary",
+        "Details: Seg",
+        "Details: Gen",
         "Segmentability of generated images: Gen",
         "Notes",
         "Loss curves",
@@ -220,9 +221,9 @@ def test_markdown_and_html_render_the_same_sections(tmp_path):
     assert [t.replace("&lt;", "<").replace("&gt;", ">") for t in html_titles] == titles
     tables = [b for s in sections for b in s.blocks if isinstance(b, Table)]
     assert (
-        len(tables) == 3
-        and len(re.findall(r"^\|(?:---\|)+$", md, re.M)) == 3
-        and page.count("<table>") == 3
+        len(tables) == 7  # two headline tables, two (runs, scores) details, segmentability
+        and len(re.findall(r"^\|(?:---\|)+$", md, re.M)) == 7
+        and page.count("<table>") == 7
     )
     for table in tables:  # every cell in both renderings
         for cell in (c for row in table.rows for c in row):
@@ -234,3 +235,24 @@ def test_markdown_and_html_render_the_same_sections(tmp_path):
     images = [b for s in sections for b in s.blocks if isinstance(b, Image)]
     assert len(images) == 3 == md.count("![") == page.count("data:image/png;base64,")
     assert "`v.tif`" in md and "<code>v.tif</code>" in page
+
+
+def test_headline_table_fits_100_columns(tmp_path):
+    report = _fake_report(tmp_path)
+    long = "a_run_with_a_very_long_descriptive_folder_name_from_a_sweep"
+    report["groups"][0]["runs"] = ["a", long]
+    report["runs"][long] = {
+        **report["runs"]["b"],
+        "run": long,
+        "loss": "0.5·wgangp cGAN + 100·L1",
+        "metrics": {"pixel_error": 0.05, "dice_1": 0.95, "v_rand": 0.9, "ap_50": 0.5},
+    }
+    report["runs"]["a"]["metrics"] |= {"v_rand": 0.8, "ap_50": 0.4}
+    md = render_markdown(report)
+    summary = md.split("## Summary")[1].split("## Details")[0]
+    lines = [line for line in summary.splitlines() if line.startswith("|")]
+    assert lines[0] == "| run | loss | steps | pixel error | Dice | V_rand | AP@0.5 |"
+    assert max(len(line) for line in lines) <= 100
+    assert "**0.0500**" in summary and "…" in summary  # best in bold, the long name cut
+    # the translation group: its own main scores, segmentability included
+    assert "| run | loss | steps | MAE | seg. Dice |" in summary

@@ -1,0 +1,262 @@
+"""Instance segmentation (issue 15): watershed ``--output labels`` beside connected components.
+
+Usage: ``python benchmarks/bench_instances.py [--case nuclei|isbi] [--out DIR] [--reuse]
+[--steps N] [--json FILE]``
+
+``nuclei``: ``make_nuclei(8, (256, 256))``, train 0-5, val 6-7, ``small``, 600 steps x 4 x 128²,
+trained straight from the instance labels; AP@0.5 / AP@0.75 / DSB mean AP on slices 6-7.
+``isbi``: ISBI 2012 (``../shared/data/isbi2012/``), train 0-24, val 25-29, ``small``,
+1200 steps x 4 x 256²; dense Rand error and pixel error on 25-29. Each figure for
+``predict --output labels`` (the checkpoint's tuned watershed) and for the 4-connected
+components of the same probability map at 0.5 (before issue 15). ``--reuse`` scores a run
+already in ``--out`` (a checkpoint without tuned parameters is tuned here, as training does).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from cellp2p import io
+from cellp2p.config import TrainConfig
+from cellp2p.instances import (
+    average_precision,
+    mean_average_precision,
+    objects_from_binary,
+    postprocessing_record,
+    tune_postprocessing,
+    tuning_maps,
+)
+from cellp2p.metrics import pixel_error, rand_info_scores
+from cellp2p.outputs import foreground
+from cellp2p.predictor import load_predictor
+from cellp2p.train import train
+
+ISBI = Path(__file__).resolve().parents[2] / "shared" / "data" / "isbi2012"
+CASES: dict[str, dict[str, Any]] = {
+    "nuclei": {"steps": 600, "crop": 128, "train": "0-5", "val": "6-7"},
+    "isbi": {"steps": 1200, "crop": 256, "train": "0-24", "val": "25-29"},
+}
+
+
+def _data(case: str, out: Path) -> tuple[Path, Path]:
+    """The volume and label stacks of ``case`` (nuclei written to ``out``)."""
+    if case == "isbi":
+        vol = next(p for p in sorted(ISBI.iterdir()) if "volume" in p.name and "train" in p.name)
+        lab = next(p for p in sorted(ISBI.iterdir()) if "label" in p.name and "train" in p.name)
+        return vol, lab
+    from cellp2p.synth import make_nuclei
+
+    out.mkdir(parents=True, exist_ok=True)
+    vol, lab = out / "nuclei_volume.tif", out / "nuclei_labels.tif"
+    if not vol.exists():
+        v, labels = make_nuclei(8, (256, 256))
+        io.write_stack(vol, v, force=True)
+        io.write_stack(lab, labels, force=True)
+    return vol, lab
+
+
+def _train(
+    case: str,
+    vol: Path,
+    lab: Path,
+    run: Path,
+    steps: int,
+    weights: bool | None,
+    target: str | None,
+    balance: bool = True,
+) -> float:
+    """Train the ``small`` U-Net of ``case`` into ``run``; the wall time in seconds."""
+    c = CASES[case]
+    cfg = TrainConfig(
+        mode="unet",
+        preset="small",
+        volume=str(vol),
+        labels=str(lab),
+        train_slices=c["train"],
+        val_slices=c["val"],
+        max_steps=steps,
+        batch_size=4,
+        crop=c["crop"],
+        eval_every=max(steps // 4, 1),
+        device="cpu",
+        quiet=True,
+    )
+    # The config owner's TrainConfig has no border-weight field yet: set as an attribute (the
+    # dataset reads it with getattr; not saved in config.json).
+    cfg.border_weights = weights  # type: ignore[attr-defined]
+    cfg.instance_target = target  # type: ignore[attr-defined]
+    cfg.border_class_balance = balance  # type: ignore[attr-defined]
+    t0 = time.perf_counter()
+    train(cfg, run)
+    return time.perf_counter() - t0
+
+
+def _val_ids(spec: str) -> list[int]:
+    """``a-b`` → [a, ..., b]."""
+    lo, hi = (int(v) for v in spec.split("-"))
+    return list(range(lo, hi + 1))
+
+
+def _dense_rand_error(pred: np.ndarray, gt_binary: np.ndarray) -> float:
+    """1 − V_rand over the gt cell interiors (4-connected), the proposal as given (dense)."""
+    return 1.0 - rand_info_scores(pred, objects_from_binary(gt_binary))["v_rand"]
+
+
+def _components(prob: np.ndarray, kind: str, dense: bool) -> np.ndarray:
+    """Before issue 15: 4-connected components at 0.5 (grown over the membranes if dense)."""
+    cc = objects_from_binary(foreground(prob, kind))
+    if not dense or not cc.any():
+        return cc
+    from skimage.segmentation import watershed
+
+    return watershed(np.zeros(cc.shape, np.float32), cc.astype(np.int32), connectivity=1)
+
+
+def score(case: str, vol: Path, lab: Path, run: Path) -> dict[str, Any]:
+    """Both post-processings of the run's best.pt on the validation slices."""
+    pred = load_predictor(run, device="cpu")
+    ids = _val_ids(CASES[case]["val"])
+    volume, labels = io.read_stack(vol).data, io.read_stack(lab).data
+    t0 = time.perf_counter()
+    prob = pred.predict_slices([volume[i] for i in ids])
+    t_pred = time.perf_counter() - t0
+    pp = pred.postprocessing
+    tuned_here = pp is None
+    if tuned_here:  # a run trained before tuning existed: tune as training does
+        boundary = pred.target_kind == "multiclass" and pred.classes == [0, 1, 2]
+        gt = np.stack([labels[i] for i in ids])
+        dense = case == "isbi"
+        tuned = tune_postprocessing(
+            tuning_maps(prob, boundary), gt if case == "nuclei" else gt > 0, dense=dense
+        )
+        pp = postprocessing_record(tuned, dense=dense, boundary=boundary)
+        pred.postprocessing = pp
+    t0 = time.perf_counter()
+    inst = [pred.to_output(p, "labels") for p in prob]
+    t_ws = (time.perf_counter() - t0) / len(ids)
+    cc = [_components(p, pred.target_kind, case == "isbi") for p in prob]
+    rows: dict[str, Any] = {}
+    for name, outs in (("labels (watershed)", inst), ("connected components", cc)):
+        if case == "nuclei":
+            gts = [labels[i] for i in ids]
+            rows[name] = {
+                "ap_50": _mean(
+                    average_precision(o, g, 0.5) for o, g in zip(outs, gts, strict=True)
+                ),
+                "ap_75": _mean(
+                    average_precision(o, g, 0.75) for o, g in zip(outs, gts, strict=True)
+                ),
+                "ap_mean": _mean(
+                    mean_average_precision(o, g) for o, g in zip(outs, gts, strict=True)
+                ),
+                "objects": int(sum(len(np.unique(o)) - 1 for o in outs)),
+                "gt_objects": int(sum(len(np.unique(g)) - 1 for g in gts)),
+            }
+        else:
+            gts = [labels[i] > 0 for i in ids]
+            rows[name] = {
+                "rand_error": _mean(
+                    _dense_rand_error(o, g) for o, g in zip(outs, gts, strict=True)
+                ),
+                # Of the probability map at 0.5 (a dense partition has no membrane pixels).
+                "pixel_error": _mean(
+                    pixel_error(foreground(p, pred.target_kind), g)
+                    for p, g in zip(prob, gts, strict=True)
+                ),
+            }
+    return {
+        "rows": rows,
+        "postprocessing": pp,
+        "tuned_in_benchmark": tuned_here,
+        "predict_s": t_pred,
+        "watershed_s_per_slice": t_ws,
+    }
+
+
+def _mean(values: Any) -> float:
+    """The mean of an iterable of numbers."""
+    return float(np.mean(list(values)))
+
+
+def _table(result: dict[str, Any]) -> str:
+    """A plain-text table of the rows."""
+    rows = result["rows"]
+    keys = list(next(iter(rows.values())))
+    lines = ["| post-processing | " + " | ".join(keys) + " |", "|---" * (len(keys) + 1) + "|"]
+    for name, r in rows.items():
+        cells = [f"{r[k]:.3f}" if isinstance(r[k], float) else str(r[k]) for k in keys]
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    """Train (unless ``--reuse``), score, print the table and optionally write JSON."""
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--case", choices=sorted(CASES), default="nuclei")
+    ap.add_argument("--out", type=Path, default=Path("/tmp/bench_instances"))
+    ap.add_argument("--steps", type=int, default=None)
+    ap.add_argument("--reuse", action="store_true", help="score the run already in --out")
+    ap.add_argument("--json", type=Path, default=None)
+    ap.add_argument(
+        "--weights",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="border weight map on/off (default: the dataset's: on for instance labels)",
+    )
+    ap.add_argument("--target", choices=("boundary", "separated"), default=None)
+    ap.add_argument("--no-class-balance", action="store_true", help="border weights without w_c")
+    ap.add_argument("--threads", type=int, default=None, help="torch intra-op threads")
+    args = ap.parse_args()
+    if args.threads:
+        __import__("torch").set_num_threads(args.threads)
+    out = args.out / "-".join(
+        [
+            args.case,
+            *([args.target] if args.target else []),
+            *({True: ["weights"], False: ["noweights"]}.get(args.weights, [])),
+            *(["nobalance"] if args.no_class_balance else []),
+        ]
+    )
+    vol, lab = _data(args.case, out)
+    steps = args.steps or CASES[args.case]["steps"]
+    wall = (
+        None
+        if args.reuse
+        else _train(
+            args.case,
+            vol,
+            lab,
+            out / "run",
+            steps,
+            args.weights,
+            args.target,
+            not args.no_class_balance,
+        )
+    )
+    result = score(args.case, vol, lab, out / "run")
+    result.update(
+        case=args.case,
+        border_weights=args.weights,
+        class_balance=not args.no_class_balance,
+        target=args.target or "default",
+        steps=steps,
+        train_wall_s=wall,
+        machine=f"{platform.machine()}, {os.cpu_count()} CPUs, torch threads "
+        f"{__import__('torch').get_num_threads()}",
+    )
+    print(_table(result))
+    print(json.dumps({k: v for k, v in result.items() if k != "rows"}, default=str))
+    if args.json:
+        args.json.write_text(json.dumps(result, indent=2, default=str))
+
+
+if __name__ == "__main__":
+    main()

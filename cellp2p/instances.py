@@ -28,7 +28,9 @@ from cellp2p.metrics import (  # noqa: F401 - re-exported: the instance scores l
 
 # Post-processing defaults and tuning grids, nuclei and dense membranes (sweeps: the notes).
 NUCLEI_DEFAULTS: dict[str, Any] = {"threshold": 0.5, "min_distance": 4, "h": 0.5, "min_size": 16}
-DENSE_DEFAULTS: dict[str, Any] = {"threshold": 0.8, "min_distance": 0, "h": 0.0, "min_size": 25}
+# Seeds at p > 0.5 untuned: a higher seed threshold suits saturated maps but finds no seed at all
+# in a network that is not yet confident (tuning picks it where it helps).
+DENSE_DEFAULTS: dict[str, Any] = {"threshold": 0.5, "min_distance": 0, "h": 0.0, "min_size": 25}
 NUCLEI_GRID: dict[str, tuple] = {
     "threshold": (0.5, 0.3, 0.4, 0.6, 0.7),
     "min_distance": (4, 2),

@@ -87,7 +87,7 @@ def _instances(
     of a probability map (``post``'s parameters, else the defaults; dense for membranes)."""
     if kind == "labels":
         return check_labels(p, "prediction")
-    if kind == "mask":
+    if kind == "mask" or (post or {}).get("method") == "components":
         return segments_from_binary(fg)
     par = {k: v for k, v in (post or default_params(dense)).items() if k in WATERSHED_KEYS}
     return watershed_instances(p, dense=bool((post or {}).get("dense", dense)), **par)

@@ -226,7 +226,7 @@ def test_membrane_gaps_split_by_threshold_and_by_distance() -> None:
     faint = p.copy()
     faint[8:12, 20:22] = 0.6  # a faint stretch of membrane between two compartments
     assert inst.objects_from_binary(faint > 0.5).max() == 8  # today: the two merge
-    lab = inst.watershed_instances(faint, dense=True)  # seeds at 0.8: the membrane holds
+    lab = inst.watershed_instances(faint, dense=True, threshold=0.8)  # the membrane holds
     assert lab.max() == 9 and _one_cell_per_compartment(lab, comps)
     hole = p.copy()
     hole[8:12, 20:22] = 1.0  # a real hole: only the distance transform can part them
@@ -294,12 +294,12 @@ def test_tune_finds_the_threshold_the_defaults_miss() -> None:
 
 
 def test_tune_dense_minimises_rand_error() -> None:
-    p = _membrane_grid() * 0.7  # interiors at 0.7: the dense default threshold (0.8) sees none
+    p = _membrane_grid() * 0.7  # interiors at 0.7: a seed threshold of 0.8 sees none
     gt = (p > 0).astype(np.uint8) * 255  # ISBI-style binary labels
     best = inst.tune_postprocessing(p, gt, {"threshold": (0.8, 0.6), "h": (0.0,)}, dense=True)
     assert best["threshold"] == 0.6 and best["objective"] == "rand_error"
     assert best["score"] == pytest.approx(0.0, abs=1e-12)
-    assert best["default_score"] > 0.99  # no cells: every pixel a singleton
+    assert inst.default_params(True)["threshold"] < 0.7  # the untuned default sees them too
     with pytest.raises(CellP2PError, match="unknown grid keys"):
         inst.tune_postprocessing(p, gt, {"sigma": (1,)})
 

@@ -304,10 +304,44 @@ def _parse_file(path: Path, i: int, raw: Any) -> ManifestFile:
 
 
 def _parse_manifest(raw: Any, path: Path) -> Manifest:
+    """A manifest from its JSON, every key checked (see the schema above)."""
     _expect(path, "top level", raw, dict)
     _check_keys(path, "top level", raw, _TOP_KEYS, ["name", "files"])
     name = _safe_name(path, "name", raw["name"])
-    files_raw = _expect(path, "files", raw["files"], list)
+    files = _parse_files(path, raw["files"])
+    texts = {
+        key: _expect(path, key, raw.get(key, ""), str)
+        for key in ("description", "source", "licence")
+    }
+    citation = raw.get("citation", [])
+    if isinstance(citation, str):
+        citation = [citation]
+    _expect(path, "citation", citation, list)
+    for i, c in enumerate(citation):
+        _expect(path, f"citation[{i}]", c, str)
+    download: dict[str, str] = {}
+    if raw.get("download") is not None:
+        dl = _expect(path, "download", raw["download"], dict)
+        _check_keys(path, "download", dl, {"page", "note"})
+        download = {k: _expect(path, f"download.{k}", v, str) for k, v in dl.items()}
+    return Manifest(
+        name=name,
+        files=files,
+        path=path,
+        description=texts["description"],
+        labels=_parse_labels(path, raw.get("labels")),
+        split=_parse_split(path, raw.get("split"), files),
+        pixel_size=_parse_pixel_size(path, raw.get("pixel_size")),
+        source=texts["source"],
+        citation=tuple(citation),
+        licence=texts["licence"],
+        download=download,
+    )
+
+
+def _parse_files(path: Path, raw: Any) -> tuple[ManifestFile, ...]:
+    """The ``files`` list: at least one, no role or name twice."""
+    files_raw = _expect(path, "files", raw, list)
     if not files_raw:
         raise _bad(path, "files is empty")
     files = tuple(_parse_file(path, i, f) for i, f in enumerate(files_raw))
@@ -316,82 +350,60 @@ def _parse_manifest(raw: Any, path: Path) -> Manifest:
         dupes = sorted({v for v in values if values.count(v) > 1})
         if dupes:
             raise _bad(path, f"files: {attr} {', '.join(dupes)} appears more than once")
+    return files
 
-    texts = {}
-    for key in ("description", "source", "licence"):
-        texts[key] = _expect(path, key, raw.get(key, ""), str)
-    citation = raw.get("citation", [])
-    if isinstance(citation, str):
-        citation = [citation]
-    _expect(path, "citation", citation, list)
-    for i, c in enumerate(citation):
-        _expect(path, f"citation[{i}]", c, str)
 
-    labels = None
-    if raw.get("labels") is not None:
-        lab = _expect(path, "labels", raw["labels"], dict)
-        _check_keys(
-            path,
-            "labels",
-            lab,
-            {"foreground", "background", "meaning"},
-            ["foreground", "background"],
-        )
-        labels = LabelSpec(
-            foreground=_expect(path, "labels.foreground", lab["foreground"], int),
-            background=_expect(path, "labels.background", lab["background"], int),
-            meaning=_expect(path, "labels.meaning", lab.get("meaning", ""), str),
-        )
-
-    split: dict[str, list[int]] = {}
-    if raw.get("split") is not None:
-        sp = _expect(path, "split", raw["split"], dict)
-        _check_keys(path, "split", sp, {"train", "val", "test"})
-        nz = next((f.shape[0] for f in files if f.role == "volume"), MAX_SLICES)
-        for key, spec in sp.items():
-            try:
-                split[key] = expand(spec, where=f"split.{key}", limit=nz)
-            except ValueError as err:
-                raise _bad(path, str(err)) from None
-        seen: dict[int, str] = {}
-        for key, ids in split.items():
-            for i in ids:
-                if i in seen:
-                    raise _bad(path, f"split: slice {i} is in both {seen[i]} and {key}")
-                seen[i] = key
-
-    pixel_size = None
-    if raw.get("pixel_size") is not None:
-        ps = _expect(path, "pixel_size", raw["pixel_size"], dict)
-        _check_keys(path, "pixel_size", ps, {"z", "y", "x", "unit"}, ["z", "y", "x"])
-        vals = {}
-        for axis in "zyx":
-            v = _expect(path, f"pixel_size.{axis}", ps[axis], (int, float))
-            if not v > 0:
-                raise _bad(path, f"pixel_size.{axis} must be positive")
-            vals[axis] = float(v)
-        unit = _expect(path, "pixel_size.unit", ps.get("unit", "um"), str)
-        pixel_size = PixelSize(unit=unit, **vals)
-
-    download: dict[str, str] = {}
-    if raw.get("download") is not None:
-        dl = _expect(path, "download", raw["download"], dict)
-        _check_keys(path, "download", dl, {"page", "note"})
-        download = {k: _expect(path, f"download.{k}", v, str) for k, v in dl.items()}
-
-    return Manifest(
-        name=name,
-        files=files,
-        path=path,
-        description=texts["description"],
-        labels=labels,
-        split=split,
-        pixel_size=pixel_size,
-        source=texts["source"],
-        citation=tuple(citation),
-        licence=texts["licence"],
-        download=download,
+def _parse_labels(path: Path, raw: Any) -> LabelSpec | None:
+    """The ``labels`` record: foreground and background values, what they mean."""
+    if raw is None:
+        return None
+    lab = _expect(path, "labels", raw, dict)
+    _check_keys(
+        path, "labels", lab, {"foreground", "background", "meaning"}, ["foreground", "background"]
     )
+    return LabelSpec(
+        foreground=_expect(path, "labels.foreground", lab["foreground"], int),
+        background=_expect(path, "labels.background", lab["background"], int),
+        meaning=_expect(path, "labels.meaning", lab.get("meaning", ""), str),
+    )
+
+
+def _parse_split(path: Path, raw: Any, files: tuple[ManifestFile, ...]) -> dict[str, list[int]]:
+    """The ``split``: slice indices within the volume, no slice in two parts."""
+    split: dict[str, list[int]] = {}
+    if raw is None:
+        return split
+    sp = _expect(path, "split", raw, dict)
+    _check_keys(path, "split", sp, {"train", "val", "test"})
+    nz = next((f.shape[0] for f in files if f.role == "volume"), MAX_SLICES)
+    for key, spec in sp.items():
+        try:
+            split[key] = expand(spec, where=f"split.{key}", limit=nz)
+        except ValueError as err:
+            raise _bad(path, str(err)) from None
+    seen: dict[int, str] = {}
+    for key, ids in split.items():
+        for i in ids:
+            if i in seen:
+                raise _bad(path, f"split: slice {i} is in both {seen[i]} and {key}")
+            seen[i] = key
+    return split
+
+
+def _parse_pixel_size(path: Path, raw: Any) -> PixelSize | None:
+    """The ``pixel_size`` record: positive z, y, x and a unit."""
+    if raw is None:
+        return None
+    ps = _expect(path, "pixel_size", raw, dict)
+    _check_keys(path, "pixel_size", ps, {"z", "y", "x", "unit"}, ["z", "y", "x"])
+    vals = {}
+    for axis in "zyx":
+        v = _expect(path, f"pixel_size.{axis}", ps[axis], (int, float))
+        if not v > 0:
+            raise _bad(path, f"pixel_size.{axis} must be positive")
+        vals[axis] = float(v)
+    unit = _expect(path, "pixel_size.unit", ps.get("unit", "um"), str)
+    return PixelSize(unit=unit, **vals)
 
 
 # -- locating and verifying files --------------------------------------------------------------

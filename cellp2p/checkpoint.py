@@ -265,8 +265,14 @@ def resolve_checkpoint(path: str | Path) -> Path:
     return path
 
 
-def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
+def load_checkpoint(
+    path: str | Path, map_location: str | torch.device = "cpu", *, mmap: bool = False
+) -> dict[str, Any]:
     """Load with ``weights_only=True`` and check it is a cellp2p checkpoint.
+
+    ``mmap``: the tensors are mapped from the file, not read, so only what the caller touches
+    is read (``predict`` uses one network of a checkpoint that also holds the other one and
+    the optimizer moments).
 
     Only PyTorch's zip format (what ``torch.save`` writes) is opened; a file carrying pickled
     objects (classes, functions: code that would run on loading) is refused by the restricted
@@ -285,7 +291,7 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # e.g. "Detected pickle protocol N" on damaged files
-            ckpt = torch.load(path, map_location=map_location, weights_only=True)
+            ckpt = torch.load(path, map_location=map_location, weights_only=True, mmap=mmap)
     except pickle.UnpicklingError as err:
         text = " ".join(str(err).split())
         found = re.search(r"unsupported global:?\s+(?:GLOBAL\s+)?([^\s,]+)", text, re.I)

@@ -296,7 +296,7 @@ def load_predictor(
 
     dev = select_device(device)
     prec = resolve_precision(precision, dev)
-    ckpt = load_checkpoint(model)
+    ckpt = load_checkpoint(model, mmap=True)  # only the network it runs is read
     path = ckpt["path"]
     for key in ("mode", "models", "normalization", "data"):
         _section(ckpt, key, path)

@@ -413,7 +413,7 @@ def _predict_options() -> list[click.Parameter]:
 
     output_help = (
         "auto: prob for segmentation, image for translation. mask: uint8 0/255 (class values "
-        "for multiclass); labels: instance labels (connected components)."
+        "for multiclass); labels: instance labels (the watershed tuned at training)."
     )
     tile_help = (
         f"Tile size in pixels [default: whole slice up to {WHOLE_SLICE_MAX} px, else "

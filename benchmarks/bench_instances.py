@@ -89,11 +89,9 @@ def _train(
         device="cpu",
         quiet=True,
     )
-    # The config owner's TrainConfig has no border-weight field yet: set as an attribute (the
-    # dataset reads it with getattr; not saved in config.json).
-    cfg.border_weights = weights  # type: ignore[attr-defined]
-    cfg.instance_target = target  # type: ignore[attr-defined]
-    cfg.border_class_balance = balance  # type: ignore[attr-defined]
+    cfg.border_weights = weights
+    cfg.instance_target = target or "separated"
+    cfg.border_class_balance = balance
     t0 = time.perf_counter()
     train(cfg, run)
     return time.perf_counter() - t0

@@ -107,8 +107,8 @@ def table_option(name: str, *, default: Any = _TABLE, help: str | None = None) -
     kw: dict[str, Any] = {"default": default, "help": meta["help"] if help is None else help}
     kind = field_type(f)
     decl = flag(name)
-    if kind == "bool":
-        decl = f"{decl}/--no-{decl[2:]}" if default else decl
+    if kind == "bool":  # on by default or unset (None: the data decides): --x/--no-x
+        decl = f"{decl}/--no-{decl[2:]}" if default or default is None else decl
         kw.update(is_flag=True, show_default=bool(default))
     else:
         kw["show_default"] = default is not None

@@ -28,7 +28,8 @@ from cellp2p.runtime import DEVICES, PRECISIONS, check_device
 MODES = ("unet", "pix2pix")
 TASKS = ("segment", "translate")
 DIRECTIONS = ("AtoB", "BtoA")
-LABEL_MODES = ("auto", "binary", "nonzero", "multiclass")
+LABEL_MODES = ("auto", "binary", "nonzero", "multiclass", "instances")
+INSTANCE_TARGETS = ("separated", "boundary")
 MAX_CLASSES = 16
 GROUPS = ("data", "model", "optimisation", "run")
 
@@ -212,6 +213,25 @@ class TrainConfig:
         "How labels become classes (segment): nonzero = foreground is label > 0.",
         choices=LABEL_MODES,
     )
+    instance_target: str = _opt(
+        "separated",
+        "data",
+        "What instance labels train (U-Net): the separated foreground (touching pixels cut), "
+        "or boundary = background / interior / boundary classes.",
+        choices=INSTANCE_TARGETS,
+    )
+    border_weights: bool | None = _opt(
+        None,
+        "data",
+        "U-Net paper border weight map in the loss [on for instance labels, off for binary].",
+    )
+    border_w0: float = _opt(10.0, "data", "Border weight w0 (U-Net paper: 10).", bound=NON_NEGATIVE)
+    border_sigma: float = _opt(
+        5.0, "data", "Border weight width sigma in px (U-Net paper: 5).", bound=POSITIVE_FINITE
+    )
+    border_class_balance: bool = _opt(
+        True, "data", "Class-balancing term w_c in the border weight map."
+    )
     max_steps: int | None = _opt(
         None, "optimisation", "Number of optimizer steps [one epoch].", bound=POSITIVE
     )
@@ -392,6 +412,16 @@ class TrainConfig:
             raise CellP2PError(
                 f"--labels-mode {self.labels_mode} turns labels into classes: it needs "
                 "--task segment (translation learns the target as an image)"
+            )
+        if self.border_weights and self.mode != "unet":
+            raise CellP2PError(
+                "--border-weights weighs the U-Net's loss; pix2pix has no per-pixel weights: "
+                "drop --border-weights or use --mode unet"
+            )
+        if self.instance_target == "boundary" and self.mode != "unet":
+            raise CellP2PError(
+                "--instance-target boundary makes classes, which pix2pix does not learn: use "
+                "--instance-target separated or --mode unet"
             )
         if self.elastic and not self.augment:
             raise CellP2PError("--elastic is part of the augmentation: drop --no-augment")

@@ -105,8 +105,9 @@ def load_data(cfg: TrainConfig, norms: dict[str, Any] | None = None) -> PairedDa
     kind, classes = _target_kind(labels.data, lpath, cfg)
     instances = kind == "instances"
     if instances:  # boundary classes (U-Net) or the separated foreground (pix2pix)
-        scheme = getattr(cfg, "instance_target", None)  # a TrainConfig field to come
-        kind, classes, target = instance_target(labels.data, cfg.mode, str(lpath), scheme)
+        kind, classes, target = instance_target(
+            labels.data, cfg.mode, str(lpath), cfg.instance_target
+        )
     else:
         target = _target(labels.data, lpath, kind, classes, cfg)
     source = volume.data if volume.data.ndim == 4 else volume.data[:, None]

@@ -32,10 +32,10 @@ NUCLEI_DEFAULTS: dict[str, Any] = {"threshold": 0.5, "min_distance": 4, "h": 0.5
 # in a network that is not yet confident (tuning picks it where it helps).
 DENSE_DEFAULTS: dict[str, Any] = {"threshold": 0.5, "min_distance": 0, "h": 0.0, "min_size": 25}
 NUCLEI_GRID: dict[str, tuple] = {
-    "threshold": (0.5, 0.3, 0.4, 0.6, 0.7),
+    "threshold": (0.5, 0.3, 0.4, 0.6, 0.7, 0.8),
     "min_distance": (4, 2),
-    "h": (0.5, 0.25, 1.0, 2.0),
-    "min_size": (16, 0, 32),
+    "h": (0.5, 0.0, 0.25, 1.0, 2.0),
+    "min_size": (16, 0, 8, 32),
 }
 DENSE_GRID: dict[str, tuple] = {
     "threshold": (0.8, 0.5, 0.6, 0.7, 0.9),
@@ -140,23 +140,24 @@ def looks_like_ids(labels: np.ndarray, max_classes: int = 16, tol: float = 0.05)
     return pairs > 0 and pieces <= tol * pairs
 
 
-INSTANCE_TARGETS = ("boundary", "separated")
-
-
 def instance_target(
-    labels: np.ndarray, mode: str = "unet", name: str = "labels", scheme: str | None = None
+    labels: np.ndarray, mode: str = "unet", name: str = "labels", scheme: str = "separated"
 ) -> tuple[str, list[int], np.ndarray]:
     """(target kind, classes, training target (N, 1, Y, X) float32) of instance labels.
 
-    ``scheme`` "separated" (the default; measured best with the U-Net's border weights,
-    benchmarks/RESULTS.md): the binary :func:`separated_foreground`; "boundary" (U-Net
-    only): three classes (0 background, 1 interior, 2 boundary: :func:`boundary_targets`).
-    Bad ids raise.
+    ``scheme`` (``--instance-target``) "separated" (the default; measured best with the
+    U-Net's border weights, benchmarks/RESULTS.md): the binary :func:`separated_foreground`;
+    "boundary" (U-Net only): three classes (0 background, 1 interior, 2 boundary:
+    :func:`boundary_targets`). Bad ids raise.
     """
+    from cellp2p.config import INSTANCE_TARGETS
+
     label_kind(labels, name=name)
-    scheme = scheme or "separated"
     if scheme == "boundary" and mode == "pix2pix":
-        raise CellP2PError("pix2pix learns images, not classes: use the separated target")
+        raise CellP2PError(
+            "--instance-target boundary makes classes, which pix2pix does not learn: use "
+            "--instance-target separated"
+        )
     if scheme not in INSTANCE_TARGETS:
         raise CellP2PError(f"instance target {scheme!r} unknown; use {', '.join(INSTANCE_TARGETS)}")
     if scheme == "separated":
@@ -164,27 +165,22 @@ def instance_target(
     return "multiclass", [0, 1, 2], boundary_targets(labels).astype(np.float32)[:, None]
 
 
-W0, SIGMA = 10.0, 5.0  # the U-Net paper's border weights (px)
-
-
 def weight_channel(labels: np.ndarray, instances: bool, cfg: Any) -> np.ndarray | None:
-    """The border weight map (N, 1, Y, X) to train with, or None (the default).
+    """The border weight map (N, 1, Y, X) to train with, or None.
 
-    U-Net only: on when ``cfg.border_weights``; unset (None) or absent: on for instance labels
-    (measured best), off for binary ones. ``cfg.border_w0`` / ``cfg.border_sigma`` where the
-    config has them (else :data:`W0`, :data:`SIGMA`); ``cfg.border_class_balance`` (default
-    True) keeps the class-balancing term w_c. Objects: the instance ids, or the
-    4-connected components of binary labels (the membranes between cells weigh most).
+    U-Net only: on when ``cfg.border_weights``; unset (None): on for instance labels
+    (measured best), off for binary ones; ``cfg.border_w0``, ``cfg.border_sigma`` and
+    ``cfg.border_class_balance`` (the class-balancing term w_c) as in the U-Net paper by
+    default. Objects: the instance ids, or the 4-connected components of binary labels (the
+    membranes between cells weigh most).
     """
-    flag = getattr(cfg, "border_weights", None)
-    if not (instances if flag is None else flag) or getattr(cfg, "mode", "unet") != "unet":
+    flag = cfg.border_weights
+    if not (instances if flag is None else flag) or cfg.mode != "unet":
         return None
-    w0 = getattr(cfg, "border_w0", None)
-    sigma = getattr(cfg, "border_sigma", None)
     objects = labels if instances else objects_from_binary(labels)
-    balance = bool(getattr(cfg, "border_class_balance", True))
-    w0, sigma = W0 if w0 is None else w0, SIGMA if sigma is None else sigma
-    return border_weight_map(objects, w0, sigma, class_balance=balance)[:, None]
+    return border_weight_map(
+        objects, cfg.border_w0, cfg.border_sigma, class_balance=cfg.border_class_balance
+    )[:, None]
 
 
 def validation_objects(labels: np.ndarray, instances: bool) -> np.ndarray:

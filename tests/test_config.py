@@ -38,7 +38,9 @@ def _assert_matches_table(param: click.Parameter, f, default, help_text: str) ->
     assert param.help == help_text
     if config.field_type(f) == "bool":
         assert param.is_flag and param.default is default
-        assert param.secondary_opts == ([f"--no-{f.name.replace('_', '-')}"] if default else [])
+        assert param.secondary_opts == (
+            [f"--no-{f.name.replace('_', '-')}"] if default or default is None else []
+        )
         return
     shown = None if default is None else str(default) if meta["choices"] else default
     assert param.default == shown

@@ -76,7 +76,7 @@ def test_instance_labels_become_separated_objects_with_border_weights(nuclei_pai
     assert data.val_instances is not None and data.val_instances.max() > 0
     assert not data.dense
     boundary = _cfg(*nuclei_pair)
-    boundary.instance_target = "boundary"  # read with getattr until TrainConfig has it
+    boundary.instance_target = "boundary"
     boundary.border_weights = False
     data = load_data(boundary)
     assert data.target_kind == "multiclass" and data.classes == [0, 1, 2] and not data.weighted
@@ -174,7 +174,7 @@ def test_bad_instance_labels_name_the_file(tmp_path, nuclei_pair, values, words)
 
 def test_border_weights_ride_as_a_training_channel(nuclei_pair, tmp_path, capsys):
     cfg = _cfg(*nuclei_pair, max_steps=2, eval_every=2)
-    cfg.border_weights = True  # read with getattr until TrainConfig has the field
+    cfg.border_weights = True
     cfg.instance_target = "boundary"
     data = load_data(cfg)
     assert data.weighted and data.train_y.shape[1] == 2 and data.val_y.shape[1] == 1
@@ -206,3 +206,38 @@ def test_pix2pix_learns_the_separated_foreground(nuclei_pair, tmp_path):
         torch.set_num_threads(before)
     assert "val_ap_mean" in record
     assert load_checkpoint(tmp_path / "p2p")["postprocessing"]["boundary"] is False
+
+
+def test_instance_options_are_train_flags_and_refused_with_pix2pix(nuclei_pair):
+    from click.testing import CliRunner
+
+    from cellp2p.cli import main
+    from cellp2p.config import TrainConfig
+
+    vol, lab = nuclei_pair
+    given = dict(instance_target="boundary", border_weights=True, border_w0=5.0)
+    TrainConfig(volume=str(vol), labels=str(lab), **given).validate()
+    text = CliRunner().invoke(main, ["train", "--help"]).output
+    for f in ("--instance-target", "--border-weights / --no-border-weights", "--border-sigma"):
+        assert f in text
+    for extra, words in (
+        (["--border-weights"], "--border-weights weighs the U-Net's loss"),
+        (["--instance-target", "boundary"], "--instance-target boundary makes classes"),
+    ):
+        res = CliRunner().invoke(
+            main,
+            [
+                "train",
+                "--mode",
+                "pix2pix",
+                "--volume",
+                str(vol),
+                "--labels",
+                str(lab),
+                "--out",
+                str(vol.parent / "never"),
+                *extra,
+            ],
+        )
+        assert res.exit_code != 0 and words in res.output, res.output
+        assert not (vol.parent / "never").exists()

@@ -1,7 +1,7 @@
 """Instance segmentation (issue 15): watershed ``--output labels`` beside connected components.
 
 Usage: ``python benchmarks/bench_instances.py [--case nuclei|isbi] [--out DIR] [--reuse]
-[--steps N] [--json FILE]``
+[--steps N] [--set KEY=VALUE ...] [--threads N] [--json FILE]``
 
 ``nuclei``: ``make_nuclei(8, (256, 256))``, train 0-5, val 6-7, ``small``, 600 steps x 4 x 128²,
 trained straight from the instance labels; AP@0.5 / AP@0.75 / DSB mean AP on slices 6-7.
@@ -63,19 +63,11 @@ def _data(case: str, out: Path) -> tuple[Path, Path]:
     return vol, lab
 
 
-def _train(
-    case: str,
-    vol: Path,
-    lab: Path,
-    run: Path,
-    steps: int,
-    weights: bool | None,
-    target: str | None,
-    balance: bool = True,
-) -> float:
-    """Train the ``small`` U-Net of ``case`` into ``run``; the wall time in seconds."""
+def _train(case: str, vol: Path, lab: Path, run: Path, steps: int, options: dict) -> float:
+    """Train the ``small`` U-Net of ``case`` into ``run`` (``options``: more TrainConfig
+    fields, as ``--set``); the wall time in seconds."""
     c = CASES[case]
-    cfg = TrainConfig(
+    base = dict(
         mode="unet",
         preset="small",
         volume=str(vol),
@@ -89,12 +81,22 @@ def _train(
         device="cpu",
         quiet=True,
     )
-    cfg.border_weights = weights
-    cfg.instance_target = target or "separated"
-    cfg.border_class_balance = balance
+    cfg = TrainConfig.from_dict({**base, **options}, "--set")
+    cfg.validate()
     t0 = time.perf_counter()
     train(cfg, run)
     return time.perf_counter() - t0
+
+
+def _setting(text: str) -> tuple[str, Any]:
+    """``--set KEY=VALUE``: a TrainConfig field and its value (JSON, else the text)."""
+    key, sep, value = text.partition("=")
+    if not sep:
+        raise argparse.ArgumentTypeError(f"--set {text!r}: give KEY=VALUE, e.g. lr=0.003")
+    try:
+        return key, json.loads(value)
+    except json.JSONDecodeError:
+        return key, value
 
 
 def _val_ids(spec: str) -> list[int]:
@@ -204,47 +206,28 @@ def main() -> None:
     ap.add_argument("--reuse", action="store_true", help="score the run already in --out")
     ap.add_argument("--json", type=Path, default=None)
     ap.add_argument(
-        "--weights",
-        action=argparse.BooleanOptionalAction,
-        default=None,
-        help="border weight map on/off (default: the dataset's: on for instance labels)",
+        "--set",
+        type=_setting,
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="a TrainConfig field, e.g. --set instance_target=boundary --set border_weights=false",
     )
-    ap.add_argument("--target", choices=("boundary", "separated"), default=None)
-    ap.add_argument("--no-class-balance", action="store_true", help="border weights without w_c")
     ap.add_argument("--threads", type=int, default=None, help="torch intra-op threads")
     args = ap.parse_args()
     if args.threads:
         __import__("torch").set_num_threads(args.threads)
+    options = dict(args.set)
     out = args.out / "-".join(
-        [
-            args.case,
-            *([args.target] if args.target else []),
-            *({True: ["weights"], False: ["noweights"]}.get(args.weights, [])),
-            *(["nobalance"] if args.no_class_balance else []),
-        ]
+        [args.case, *(f"{k}={v}".replace("/", "_") for k, v in sorted(options.items()))]
     )
     vol, lab = _data(args.case, out)
     steps = args.steps or CASES[args.case]["steps"]
-    wall = (
-        None
-        if args.reuse
-        else _train(
-            args.case,
-            vol,
-            lab,
-            out / "run",
-            steps,
-            args.weights,
-            args.target,
-            not args.no_class_balance,
-        )
-    )
+    wall = None if args.reuse else _train(args.case, vol, lab, out / "run", steps, options)
     result = score(args.case, vol, lab, out / "run")
     result.update(
         case=args.case,
-        border_weights=args.weights,
-        class_balance=not args.no_class_balance,
-        target=args.target or "default",
+        options=options,
         steps=steps,
         train_wall_s=wall,
         machine=f"{platform.machine()}, {os.cpu_count()} CPUs, torch threads "

@@ -235,7 +235,6 @@ def make_em(slices: int, shape: tuple[int, int], seed: int = 0) -> tuple[np.ndar
 
 # Nuclei (DSB 2018-like fluorescence): mean radius 6-22 px, clusters of touching nuclei.
 _NUC_AREA = 1450.0  # px of slice per nucleus: ~40 in a 256^2 slice, ~18% foreground
-_NUC_DEPTH = 4.0  # slices one nucleus shows in, on average
 _NUC_ATTACH = 0.6  # chance that a nucleus grows a cluster: placed touching an earlier one
 _NUC_CORE = 0.8  # no nucleus centre lies deeper than this (in shape units) inside another
 
@@ -250,16 +249,16 @@ def _nucleus(
     rng: np.random.Generator,
     centres: list[np.ndarray],
     shapes: list[dict],
-    dims: tuple[int, int, int],
+    shape2d: tuple[int, int],
 ) -> tuple[np.ndarray, dict]:
-    """Random centre (z, y, x) and shape parameters of the next nucleus."""
-    slices, h, w = dims
+    """Random centre (z = 0, y, x) and shape parameters of the next nucleus."""
+    h, w = shape2d
     r = float(np.clip(np.exp(rng.normal(np.log(11.0), 0.3)), 6.0, 22.0))
     aspect = rng.uniform(1.0, 1.6)
     shape = {
         "ry": r * np.sqrt(aspect),
         "rx": r / np.sqrt(aspect),
-        "rz": rng.uniform(1.5, 3.5),
+        "rz": 1.0,  # one slice: a 2D image, every nucleus in focus and whole
         "angle": rng.uniform(0, np.pi),
         "amps": np.clip(rng.normal(0.0, 0.035, 3), -0.07, 0.07),  # harmonics 2-4: irregular
         "phases": rng.uniform(0, 2 * np.pi, 3),
@@ -271,11 +270,9 @@ def _nucleus(
         # the shared border is shorter than either nucleus is wide (a visible waist).
         reach = _radius_along(shapes[k], theta) + _radius_along(shape, theta)
         dist = rng.uniform(0.85, 1.0) * reach
-        step = np.array([rng.normal(0.0, 0.5), dist * np.sin(theta), dist * np.cos(theta)])
-        centre = centres[k] + step
+        centre = centres[k] + np.array([0.0, dist * np.sin(theta), dist * np.cos(theta)])
     else:
-        # z also above and below the stack, so its edge slices are as full as the others.
-        centre = rng.uniform((-2.0, 0, 0), (slices + 1.0, h, w))
+        centre = np.array([0.0, rng.uniform(0, h), rng.uniform(0, w)])
     return centre, shape
 
 
@@ -290,28 +287,30 @@ def _shape_units(
     wobble = 1.0
     for k, (a, p) in enumerate(zip(s["amps"], s["phases"], strict=True), start=2):
         wobble = wobble + a * np.cos(k * theta + p)
-    # Flat-topped along z (|dz|^4): sections stay near full size, then stop, like real nuclei.
+    # Flat-topped along z (|dz|^4): sections stay near full size, then stop.
     return np.sqrt(u * u + v * v) / wobble + (dz / s["rz"]) ** 4
 
 
 def _place_nuclei(
-    rng: np.random.Generator, dims: tuple[int, int, int]
+    rng: np.random.Generator, shape2d: tuple[int, int]
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Instance labels (uint16) and shape distance q (float32, 1 outside) of clustered nuclei.
+    """Instance labels (1, Y, X) uint16 and shape distance q (float32, 1 outside) of clustered
+    nuclei in one slice.
 
     Overlapping candidates share space: each voxel goes to the nucleus it is deepest inside
     (smallest q), so touching nuclei meet along a shared border without a gap.
     """
-    slices, h, w = dims
+    h, w = shape2d
+    dims = (1, h, w)
     labels = np.zeros(dims, dtype=np.uint16)
     best = np.ones(dims, dtype=np.float32)
-    target = max(1, int(rng.poisson(h * w / _NUC_AREA * max(1.0, slices / _NUC_DEPTH))))
+    target = max(1, int(rng.poisson(h * w / _NUC_AREA)))
     centres: list[np.ndarray] = []
     shapes: list[dict] = []
     tries = 0
     while len(centres) < min(target, 65535) and tries < max(4 * target, 100):
         tries += 1
-        centre, s = _nucleus(rng, centres, shapes, dims)
+        centre, s = _nucleus(rng, centres, shapes, shape2d)
         iz, iy, ix = (int(np.clip(round(c), 0, n - 1)) for c, n in zip(centre, dims, strict=True))
         if not (0 <= centre[1] < h and 0 <= centre[2] < w) or best[iz, iy, ix] < _NUC_CORE:
             continue  # off the slice, or deep inside an earlier nucleus
@@ -373,21 +372,32 @@ def make_nuclei(
 
     As in DSB 2018: nuclei of varied size, elongation, orientation, outline and brightness,
     many in clusters of touching nuclei (sharing a border, no gap), on an uneven background.
-    Nuclei are 3D (a few slices deep); ids are numbered 1..N over the stack.
+    Each slice is a 2D field of its own, as DSB 2018's images are: every nucleus in it is whole,
+    in focus and labelled (3D nuclei blurred across slices left out-of-focus neighbours visible
+    but unlabelled, and tiny top sections, which no slice-by-slice model can tell apart).
+    Ids are numbered 1..N over the stack.
     """
     slices, shape = _check_dims(slices, shape)
     rng = np.random.default_rng(_check_seed(seed))
-    labels, q = _place_nuclei(rng, (slices, *shape))
-    count = int(labels.max())
+    fields = [_place_nuclei(rng, shape) for _ in range(slices)]
+    offsets = np.cumsum([0] + [int(lab.max()) for lab, _ in fields[:-1]])
+    count = int(offsets[-1] + fields[-1][0].max())
+    dtype = np.uint16 if count <= np.iinfo(np.uint16).max else np.uint32
+    pieces = [
+        np.where(lab > 0, lab.astype(dtype) + dtype(o), 0)
+        for (lab, _), o in zip(fields, offsets, strict=True)
+    ]
+    labels = np.concatenate(pieces).astype(dtype)
+    q = np.concatenate([qq for _, qq in fields])
     # Brightness varies per nucleus (DNA content, staining), log-normally; chromatin texture;
     # a dome profile, dimmer at the rim, leaves a faint dip where touching nuclei meet.
     bright = np.exp(rng.normal(np.log(1200.0), 0.5, count + 1)).astype(np.float32)
     bright[0] = 0.0
     profile = np.where(labels > 0, 1.0 - 0.4 * np.minimum(q, 1.0) ** 2, 0.0)
-    chromatin = 1.0 + 0.25 * _smooth_volume(rng, slices, shape, step=4, sigma_z=0.7)
+    chromatin = 1.0 + 0.25 * _smooth_volume(rng, slices, shape, step=4, sigma_z=0.0)
     signal = bright[labels] * profile * np.clip(chromatin, 0.3, None)
-    # Optical blur, wider along z (elongated point-spread function), and out-of-focus glow.
-    signal = ndi.gaussian_filter(signal.astype(np.float32), (0.6, 1.5, 1.5))
+    # Optical blur and out-of-focus glow, within the slice.
+    signal = ndi.gaussian_filter(signal.astype(np.float32), (0.0, 1.5, 1.5))
     signal += 0.12 * ndi.uniform_filter(signal, (1, 15, 15))
     # Camera offset, smooth haze and an illumination gradient across the field.
     haze = _smooth_volume(rng, slices, shape, step=64, sigma_z=3.0)

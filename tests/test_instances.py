@@ -276,7 +276,8 @@ def test_watershed_separates_synthetic_nuclei_from_perfect_foreground() -> None:
         p = (gt > 0).astype(np.float32)
         cc.append(inst.average_precision(inst.objects_from_binary(p), gt))
         ws.append(inst.average_precision(inst.watershed_instances(p, min_size=0), gt))
-    assert np.mean(cc) < 0.7 and np.mean(ws) > 0.8  # measured: 0.54 and 0.86
+    # Shape alone separates a good part of the clusters (the separated target does the rest):
+    assert np.mean(cc) < 0.3 and np.mean(ws) > 0.6  # measured: 0.19 and 0.65
 
 
 # -- tuning -------------------------------------------------------------------------------------

@@ -112,8 +112,13 @@ def _dense_rand_error(pred: np.ndarray, gt_binary: np.ndarray) -> float:
 
 def _components(prob: np.ndarray, kind: str, dense: bool) -> np.ndarray:
     """Before issue 15: 4-connected components at 0.5 (grown over the membranes if dense)."""
-    cc = objects_from_binary(foreground(prob, kind))
-    if not dense or not cc.any():
+    return _grown(foreground(prob, kind), "isbi" if dense else "nuclei")
+
+
+def _grown(mask: np.ndarray, case: str) -> np.ndarray:
+    """4-connected components of ``mask``; for ISBI grown over the membranes (a partition)."""
+    cc = objects_from_binary(mask)
+    if case != "isbi" or not cc.any():
         return cc
     from skimage.segmentation import watershed
 
@@ -143,42 +148,76 @@ def score(case: str, vol: Path, lab: Path, run: Path) -> dict[str, Any]:
     inst = [pred.to_output(p, "labels") for p in prob]
     t_ws = (time.perf_counter() - t0) / len(ids)
     cc = [_components(p, pred.target_kind, case == "isbi") for p in prob]
-    rows: dict[str, Any] = {}
-    for name, outs in (("labels (watershed)", inst), ("connected components", cc)):
-        if case == "nuclei":
-            gts = [labels[i] for i in ids]
-            rows[name] = {
-                "ap_50": _mean(
-                    average_precision(o, g, 0.5) for o, g in zip(outs, gts, strict=True)
-                ),
-                "ap_75": _mean(
-                    average_precision(o, g, 0.75) for o, g in zip(outs, gts, strict=True)
-                ),
-                "ap_mean": _mean(
-                    mean_average_precision(o, g) for o, g in zip(outs, gts, strict=True)
-                ),
-                "objects": int(sum(len(np.unique(o)) - 1 for o in outs)),
-                "gt_objects": int(sum(len(np.unique(g)) - 1 for g in gts)),
-            }
-        else:
-            gts = [labels[i] > 0 for i in ids]
-            rows[name] = {
-                "rand_error": _mean(
-                    _dense_rand_error(o, g) for o, g in zip(outs, gts, strict=True)
-                ),
-                # Of the probability map at 0.5 (a dense partition has no membrane pixels).
-                "pixel_error": _mean(
-                    pixel_error(foreground(p, pred.target_kind), g)
-                    for p, g in zip(prob, gts, strict=True)
-                ),
-            }
+    gts = [labels[i] for i in ids]
+    fg = [foreground(p, pred.target_kind) for p in prob]
     return {
-        "rows": rows,
+        "rows": {
+            "labels (watershed)": _scores(case, inst, gts, fg),
+            "connected components": _scores(case, cc, gts, fg),
+        },
         "postprocessing": pp,
         "tuned_in_benchmark": tuned_here,
         "predict_s": t_pred,
         "watershed_s_per_slice": t_ws,
     }
+
+
+def _scores(
+    case: str, outs: list[np.ndarray], gts: list[np.ndarray], fg: list[np.ndarray]
+) -> dict[str, Any]:
+    """Nuclei: AP@0.5, AP@0.75, mean AP and object counts; ISBI: the dense Rand error of the
+    labels and the pixel error of the foreground ``fg`` (a dense partition has no membrane)."""
+    pairs = list(zip(outs, gts, strict=True))
+    if case == "nuclei":
+        return {
+            "ap_50": _mean(average_precision(o, g, 0.5) for o, g in pairs),
+            "ap_75": _mean(average_precision(o, g, 0.75) for o, g in pairs),
+            "ap_mean": _mean(mean_average_precision(o, g) for o, g in pairs),
+            "objects": int(sum(len(np.unique(o)) - 1 for o in outs)),
+            "gt_objects": int(sum(len(np.unique(g)) - 1 for g in gts)),
+        }
+    return {
+        "rand_error": _mean(_dense_rand_error(o, g > 0) for o, g in pairs),
+        "pixel_error": _mean(pixel_error(f, g > 0) for f, g in zip(fg, gts, strict=True)),
+    }
+
+
+def basicunet(case: str, vol: Path, lab: Path, steps: int, features: tuple[int, ...]) -> dict:
+    """The plain MONAI BasicUNet script at the same budget (bench_time_to_quality's loop: Adam
+    1e-3, BCE-with-logits on label > 0, random crops with flips, the volume min-max scaled to
+    [0, 1]), scored as connected components at 0.5 and, for ISBI, also at the single stack
+    threshold that scores best on these slices (optimistic: chosen on the scored slices)."""
+    import torch
+    from bench_time_to_quality import PlainUNet, random_crops
+
+    c = CASES[case]
+    v = io.read_stack(vol).data.astype(np.float32)
+    v = (v - v.min()) / max(float(v.max() - v.min()), 1e-6)
+    labels = io.read_stack(lab).data
+    model, rng = PlainUNet({"features": features}), np.random.default_rng(0)
+    t0 = time.perf_counter()
+    for _ in range(steps):
+        model.step(
+            *random_crops(
+                rng, v, (labels > 0).astype(np.float32), _val_ids(c["train"]), 4, c["crop"]
+            )
+        )
+    wall = time.perf_counter() - t0
+    model.net.eval()
+    ids = _val_ids(c["val"])
+    with torch.inference_mode():
+        prob = [model.predict(torch.from_numpy(v[i])[None, None])[0].numpy() for i in ids]
+    gts = [labels[i] for i in ids]
+    rows = {}
+    for t in (0.5,) if case == "nuclei" else (0.5, *np.round(np.arange(0.1, 1.0, 0.1), 1)):
+        fg = [p[0] > t for p in prob]
+        rows[f"BasicUNet, components at {t:g}"] = _scores(
+            case, [_grown(f, case) for f in fg], gts, fg
+        )
+    if case == "isbi":  # keep 0.5 and the best other threshold
+        best = min((k for k in rows if not k.endswith(" 0.5")), key=lambda k: rows[k]["rand_error"])
+        rows = {k: r for k, r in rows.items() if k.endswith(" 0.5") or k == best}
+    return {"rows": rows, "train_wall_s": wall, "features": list(features)}
 
 
 def _mean(values: Any) -> float:
@@ -214,6 +253,12 @@ def main() -> None:
         help="a TrainConfig field, e.g. --set instance_target=boundary --set border_weights=false",
     )
     ap.add_argument("--threads", type=int, default=None, help="torch intra-op threads")
+    ap.add_argument(
+        "--basicunet",
+        metavar="FEATURES",
+        help="instead of cellp2p: the plain MONAI BasicUNet script, e.g. 8,16,32,64,128,8 "
+        "(the size of cellp2p's small U-Net) or 32,32,64,128,256,32 (BasicUNet's default)",
+    )
     args = ap.parse_args()
     if args.threads:
         __import__("torch").set_num_threads(args.threads)
@@ -221,8 +266,16 @@ def main() -> None:
     out = args.out / "-".join(
         [args.case, *(f"{k}={v}".replace("/", "_") for k, v in sorted(options.items()))]
     )
+    if args.basicunet:
+        out = args.out / f"{args.case}-basicunet"
     vol, lab = _data(args.case, out)
     steps = args.steps or CASES[args.case]["steps"]
+    if args.basicunet:
+        features = tuple(int(f) for f in args.basicunet.split(","))
+        result = basicunet(args.case, vol, lab, steps, features)
+        result.update(case=args.case, steps=steps, machine=_machine())
+        _report(result, args.json)
+        return
     wall = None if args.reuse else _train(args.case, vol, lab, out / "run", steps, options)
     result = score(args.case, vol, lab, out / "run")
     result.update(
@@ -230,13 +283,23 @@ def main() -> None:
         options=options,
         steps=steps,
         train_wall_s=wall,
-        machine=f"{platform.machine()}, {os.cpu_count()} CPUs, torch threads "
-        f"{__import__('torch').get_num_threads()}",
+        machine=_machine(),
     )
+    _report(result, args.json)
+
+
+def _machine() -> str:
+    """This machine and the torch threads in use."""
+    threads = __import__("torch").get_num_threads()
+    return f"{platform.machine()}, {os.cpu_count()} CPUs, torch threads {threads}"
+
+
+def _report(result: dict[str, Any], path: Path | None) -> None:
+    """Print the table and the other facts; write all as JSON to ``path`` if given."""
     print(_table(result))
     print(json.dumps({k: v for k, v in result.items() if k != "rows"}, default=str))
-    if args.json:
-        args.json.write_text(json.dumps(result, indent=2, default=str))
+    if path:
+        path.write_text(json.dumps(result, indent=2, default=str))
 
 
 if __name__ == "__main__":

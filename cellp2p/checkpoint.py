@@ -5,6 +5,12 @@ reads it and a file carrying a pickled object is refused before anything runs. W
 checkpoint holds is written by :func:`build_payload` and read back by :func:`restore` beside
 it; :func:`cellp2p.predictor.load_predictor` reads the same keys (mode, task, train_config,
 models, normalization, data, record).
+
+``last.pt`` is the full payload (what ``--resume`` needs); ``best.pt`` is an inference
+checkpoint (:func:`inference_payload`): the same without the keys of :data:`RESUME_ONLY` and
+with only the network that predicts, so a paper pix2pix run's best.pt is its 218 MB
+generator, not the 686 MB of both networks and their optimizer moments. Runs written before
+hold a full best.pt, which loads everywhere as before.
 """
 
 from __future__ import annotations
@@ -14,7 +20,6 @@ import os
 import pickle
 import random
 import re
-import shutil
 import sys
 import warnings
 import zipfile
@@ -36,6 +41,10 @@ if TYPE_CHECKING:  # the loop's state; only read and set here
 
 FORMAT = "cellp2p-checkpoint"
 VERSION = 1
+# What only resuming reads: last.pt holds them, best.pt (an inference checkpoint) does not.
+RESUME_ONLY = ("optimizers", "schedulers", "rng")
+# The network each mode predicts with: the one an inference checkpoint keeps.
+PREDICTS = {"unet": "unet", "pix2pix": "generator"}
 
 
 # -- the payload: built and restored side by side ----------------------------------------------
@@ -51,7 +60,6 @@ def build_payload(state: TrainState, record: dict[str, Any]) -> dict[str, Any]:
         "models": {name: model_entry(net) for name, net in state.mode.nets.items()},
         "optimizers": {k: o.state_dict() for k, o in state.mode.optims.items()},
         "schedulers": {k: s.state_dict() for k, s in state.scheds.items()},
-        "scaler": None,
         "normalization": {
             "input": data.input_norm.to_dict(),
             "target": data.target_norm.to_dict() if data.target_norm else None,
@@ -75,6 +83,24 @@ def build_payload(state: TrainState, record: dict[str, Any]) -> dict[str, Any]:
     }
 
 
+def inference_payload(payload: dict[str, Any]) -> dict[str, Any]:
+    """best.pt's part of a full payload: all but :data:`RESUME_ONLY`, and of the networks only
+    the one that predicts (the tensors are shared, not copied)."""
+    name = PREDICTS[payload["mode"]]
+    kept = {k: v for k, v in payload.items() if k not in RESUME_ONLY}
+    return {**kept, "models": {name: payload["models"][name]}}
+
+
+def check_resumable(ckpt: dict[str, Any]) -> None:
+    """Refuse an inference checkpoint (a best.pt) where resuming needs the full one."""
+    if any(key not in ckpt for key in RESUME_ONLY):
+        raise CellP2PError(
+            f"{ckpt.get('path', 'checkpoint')}: an inference checkpoint (no optimizer state, "
+            "like best.pt), which cannot be resumed; resume from the checkpoints/last.pt that "
+            "'cellp2p train' wrote, or start a new run with another --out"
+        )
+
+
 def restore(state: TrainState, ckpt: dict[str, Any]) -> None:
     """Put a loaded checkpoint back into ``state``: weights, optimizers, schedules, step, best,
     and, last, every random generator state it saved (nothing may draw between the two).
@@ -82,6 +108,7 @@ def restore(state: TrainState, ckpt: dict[str, Any]) -> None:
     A checkpoint that does not fit the networks built for this run is one CellP2PError naming
     the file (before anything is written), never a size-mismatch or KeyError traceback.
     """
+    check_resumable(ckpt)
     path = ckpt.get("path", "checkpoint")
     try:
         _restore(state, ckpt)
@@ -169,11 +196,12 @@ def model_entry(model: nn.Module) -> dict[str, Any]:
 
 
 def write_checkpoints(state: TrainState, record: dict[str, Any], improved: bool) -> Path:
-    """``checkpoints/last.pt`` at every evaluation, and a copy as ``best.pt`` when it improved."""
+    """``checkpoints/last.pt`` (the full payload) at every evaluation, and ``best.pt`` (its
+    :func:`inference_payload`, a file of its own) when the evaluation improved."""
     payload = build_payload(state, record)
     last = save_checkpoint(last_checkpoint(state.out), payload)
     if improved:
-        copy_checkpoint(last, best_checkpoint(state.out), payload)
+        save_checkpoint(best_checkpoint(state.out), inference_payload(payload))
     return last
 
 
@@ -230,25 +258,6 @@ def _part_name(path: Path) -> Path:
     return path.with_name(f".{path.name}.{os.getpid()}.part")
 
 
-def copy_checkpoint(saved: Path, path: str | Path, payload: dict[str, Any]) -> Path:
-    """Make ``path`` an independent copy of the just-written checkpoint ``saved``.
-
-    A file copy (in the kernel, a reflink where the file system has them) is much cheaper than
-    serialising a paper pix2pix run's 690 MB again; it goes through a temporary name renamed
-    into place, like every write. If the copy fails, the payload is saved the normal way.
-    """
-    path = Path(path)
-    tmp = _part_name(path)
-    try:
-        shutil.copyfile(saved, tmp)
-        os.replace(tmp, path)
-    except OSError:
-        with contextlib.suppress(OSError):
-            tmp.unlink(missing_ok=True)
-        return save_checkpoint(path, payload)
-    return path
-
-
 def resolve_checkpoint(path: str | Path) -> Path:
     """A run folder means its best.pt, else last.pt; a file is taken as it is."""
     path = Path(path)
@@ -271,8 +280,8 @@ def load_checkpoint(
     """Load with ``weights_only=True`` and check it is a cellp2p checkpoint.
 
     ``mmap``: the tensors are mapped from the file, not read, so only what the caller touches
-    is read (``predict`` uses one network of a checkpoint that also holds the other one and
-    the optimizer moments).
+    is read (``predict`` uses one network; a last.pt, or a best.pt written before inference
+    checkpoints, also holds the other one and the optimizer moments).
 
     Only PyTorch's zip format (what ``torch.save`` writes) is opened; a file carrying pickled
     objects (classes, functions: code that would run on loading) is refused by the restricted

@@ -320,11 +320,11 @@ def load_predictor(
 
 def _network(ckpt: dict[str, Any], path: Any) -> tuple[str, nn.Module]:
     """The checkpoint's mode and the network that predicts (the U-Net, or the generator)."""
-    from cellp2p.checkpoint import build_from_entry
+    from cellp2p.checkpoint import PREDICTS, build_from_entry
 
     mode = _section(ckpt, "mode", path)
     models = _section(ckpt, "models", path)
-    name = {"unet": "unet", "pix2pix": "generator"}.get(mode) if isinstance(mode, str) else None
+    name = PREDICTS.get(mode) if isinstance(mode, str) else None
     if name is None or not isinstance(models, dict) or name not in models:
         raise CellP2PError(f"{path}: checkpoint of mode {mode!r} holds no network to predict with")
     entry = models[name]

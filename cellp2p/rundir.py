@@ -1,9 +1,10 @@
 """The run folder: its layout, its lock, config.json, and the metrics.jsonl log.
 
 A run folder holds ``config.json`` (the options, versions and data of the run),
-``metrics.jsonl`` (one JSON record per evaluation, appended), ``checkpoints/last.pt`` and
-``best.pt``, ``samples/step_NNNNNNN.png`` and ``loss_curve.png``. Every reader of the log goes
-through :func:`read_records`, which tolerates what a kill can leave: a cut last line.
+``metrics.jsonl`` (one JSON record per evaluation, appended), ``checkpoints/last.pt``
+(everything to resume) and ``best.pt`` (an inference checkpoint),
+``samples/step_NNNNNNN.png`` and ``loss_curve.png``. Every reader of the log goes through
+:func:`read_records`, which tolerates what a kill can leave: a cut last line.
 """
 
 from __future__ import annotations
@@ -26,12 +27,13 @@ RUN_OUTPUTS = (CONFIG, METRICS, CURVE, "checkpoints", "samples")
 
 
 def last_checkpoint(run_dir: Path) -> Path:
-    """The checkpoint written at every evaluation (what ``--resume`` continues from)."""
+    """The checkpoint written at every evaluation: everything ``--resume`` continues from."""
     return run_dir / "checkpoints" / "last.pt"
 
 
 def best_checkpoint(run_dir: Path) -> Path:
-    """The checkpoint of the best evaluation so far (what ``predict`` uses by default)."""
+    """The inference checkpoint of the best evaluation so far (what ``predict`` uses by
+    default): the predicting network and its records, no optimizer state."""
     return run_dir / "checkpoints" / "best.pt"
 
 

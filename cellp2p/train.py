@@ -29,7 +29,13 @@ import numpy as np
 import torch
 
 from cellp2p import distributed
-from cellp2p.checkpoint import load_checkpoint, restore, versions, write_checkpoints
+from cellp2p.checkpoint import (
+    check_resumable,
+    load_checkpoint,
+    restore,
+    versions,
+    write_checkpoints,
+)
 from cellp2p.config import TrainConfig, resumed_config
 from cellp2p.dataset import (
     PairedData,
@@ -144,6 +150,7 @@ def _resume_checkpoint(out: Path) -> dict[str, Any]:
             "start without --resume or point --out at an earlier run"
         )
     ckpt = load_checkpoint(path)
+    check_resumable(ckpt)  # before the data are read: a best.pt put in its place
     if not isinstance(ckpt.get("train_config"), dict):
         raise CellP2PError(f"{path}: holds no training options; it cannot be resumed")
     return ckpt

@@ -1,29 +1,37 @@
-"""The checkpoint payload: what build_payload writes, restore puts back (every RNG state too)."""
+"""The checkpoint payload: what build_payload writes, restore puts back (every RNG state too);
+best.pt, the inference checkpoint write_checkpoints makes of it."""
 
 from __future__ import annotations
 
+import dataclasses
 import random
+import shutil
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from click.testing import CliRunner
 
 from cellp2p.checkpoint import (
+    RESUME_ONLY,
     build_payload,
     load_checkpoint,
     restore,
     rng_state,
     save_checkpoint,
     set_rng_state,
+    write_checkpoints,
 )
+from cellp2p.cli import main
 from cellp2p.config import TrainConfig
 from cellp2p.dataset import load_data
+from cellp2p.errors import CellP2PError
 from cellp2p.io import write_stack
 from cellp2p.modes import make_mode
 from cellp2p.predictor import load_predictor
 from cellp2p.synth import make_em
-from cellp2p.train import TrainState, make_loader, train_step
+from cellp2p.train import TrainState, make_loader, train, train_step
 
 
 def _draws() -> tuple[float, float, float]:
@@ -107,3 +115,63 @@ def test_the_payload_is_what_predict_reads(cfg, tmp_path):
     predictor = load_predictor(path, device="cpu")
     assert predictor.mode == "pix2pix" and predictor.record == {"step": 0, "val_pixel_error": 0.5}
     assert predictor.train_config["crop"] == 32
+
+
+# -- best.pt: the inference checkpoint -----------------------------------------------------------
+
+
+def _generator(ckpt: dict) -> dict[str, torch.Tensor]:
+    return ckpt["models"]["generator"]["state"]
+
+
+def test_best_pt_is_an_inference_checkpoint(cfg, tmp_path):
+    state = _state(cfg, tmp_path / "run")
+    for x, y in make_loader(state, 1):  # one step: the Adam moments exist
+        train_step(state, x, y)
+    state.best = {"metric": "pixel_error", "value": 0.5, "step": 1}
+    write_checkpoints(state, {"step": 1, "val_pixel_error": 0.5}, improved=True)
+    folder = tmp_path / "run" / "checkpoints"
+    last, best = (load_checkpoint(folder / name) for name in ("last.pt", "best.pt"))
+    assert set(RESUME_ONLY) <= set(last) and not set(RESUME_ONLY) & set(best)
+    assert set(last["models"]) == {"generator", "discriminator"}
+    assert set(best["models"]) == {"generator"}  # no discriminator: predict never runs it
+    g_last, g_best = _generator(last), _generator(best)
+    assert g_last.keys() == g_best.keys() and all(torch.equal(g_last[k], g_best[k]) for k in g_last)
+    shared = {k: v for k, v in last.items() if k not in (*RESUME_ONLY, "models", "path")}
+    assert shared == {k: v for k, v in best.items() if k not in ("models", "path")}
+    assert (folder / "best.pt").stat().st_size < (folder / "last.pt").stat().st_size
+    predictor = load_predictor(tmp_path / "run", device="cpu")  # a run folder means its best.pt
+    assert predictor.checkpoint_path == folder / "best.pt" and predictor.record["step"] == 1
+
+
+@pytest.fixture
+def run(cfg, tmp_path) -> Path:
+    """A finished two-step pix2pix run (its best.pt an inference checkpoint)."""
+    train(dataclasses.replace(cfg, max_steps=2, eval_every=2), tmp_path / "run")
+    return tmp_path / "run"
+
+
+def test_resume_refuses_an_inference_checkpoint(run, check_cli_error):
+    folder = run / "checkpoints"
+    shutil.copyfile(folder / "best.pt", folder / "last.pt")  # say, to go back to the best step
+    result = CliRunner().invoke(main, ["train", "--out", str(run), "--resume", "--quiet"])
+    line = check_cli_error(result, folder / "last.pt")
+    assert "inference checkpoint (no optimizer state" in line and "resume from" in line
+
+
+def test_restore_refuses_an_inference_checkpoint(cfg, run, tmp_path):
+    with pytest.raises(CellP2PError, match=r"best\.pt: an inference checkpoint"):
+        restore(_state(cfg, tmp_path / "b"), load_checkpoint(run / "checkpoints" / "best.pt"))
+
+
+def test_an_old_full_best_pt_still_loads(run, tmp_path):
+    folder = run / "checkpoints"
+    shutil.copyfile(folder / "last.pt", folder / "best.pt")  # what runs wrote before issue 19
+    predictor = load_predictor(run, device="cpu")
+    assert predictor.checkpoint_path == folder / "best.pt" and predictor.mode == "pix2pix"
+    weights = _generator(load_checkpoint(folder / "last.pt"))
+    assert all(torch.equal(v, predictor.net.state_dict()[k]) for k, v in weights.items())
+    result = CliRunner().invoke(
+        main, ["export", str(run), "--format", "torchscript", "-o", str(tmp_path / "g.pt")]
+    )
+    assert result.exit_code == 0, result.output

@@ -27,6 +27,7 @@ import textwrap
 import time
 import warnings
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -36,7 +37,7 @@ from click.testing import CliRunner
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from cellp2p.checkpoint import FORMAT, copy_checkpoint, load_checkpoint, save_checkpoint
+from cellp2p.checkpoint import FORMAT, load_checkpoint, save_checkpoint, write_checkpoints
 from cellp2p.cli import main
 from cellp2p.errors import CellP2PError
 from cellp2p.io import StackReader, write_stack
@@ -828,24 +829,19 @@ def test_sigkill_while_saving_a_checkpoint_keeps_the_previous_one(tmp_path, payl
     assert load_checkpoint(path)["step"] == 5
 
 
-def test_best_checkpoint_is_an_independent_copy(tmp_path, monkeypatch, payload):
-    last = save_checkpoint(tmp_path / "last.pt", {**payload, "step": 5})
-    best = copy_checkpoint(last, tmp_path / "best.pt", {**payload, "step": 5})
-    assert load_checkpoint(best)["step"] == 5 and not os.path.samefile(last, best)
+def test_best_checkpoint_is_an_independent_file(tmp_path, monkeypatch, payload):
+    # write_checkpoints as train calls it, on the payload of a real run (seg_run's last.pt).
+    monkeypatch.setattr(
+        "cellp2p.checkpoint.build_payload", lambda state, record: {**payload, **record}
+    )
+    state = SimpleNamespace(out=tmp_path)
+    last = write_checkpoints(state, {"step": 5}, improved=True)
+    best = tmp_path / "checkpoints" / "best.pt"
     last.write_bytes(b"damaged in place")  # an in-place edit of last.pt leaves best.pt alone
     assert load_checkpoint(best)["step"] == 5
-    # Where the copy fails (say, a file system without it), the payload is saved instead.
-    monkeypatch.setattr("shutil.copyfile", _raise(OSError(errno.EXDEV, "Invalid link")))
-    best = copy_checkpoint(last, tmp_path / "best.pt", {**payload, "step": 6})
-    assert load_checkpoint(best)["step"] == 6
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["best.pt", "last.pt"]
-
-
-def _raise(err: Exception):
-    def fail(*args, **kwargs):
-        raise err
-
-    return fail
+    write_checkpoints(state, {"step": 6}, improved=False)  # not better: best.pt stays step 5
+    assert load_checkpoint(last)["step"] == 6 and load_checkpoint(best)["step"] == 5
+    assert sorted(p.name for p in best.parent.iterdir()) == ["best.pt", "last.pt"]
 
 
 def test_second_run_on_the_same_out_fails_while_the_first_completes(tmp_path, em_pair):

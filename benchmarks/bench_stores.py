@@ -11,6 +11,8 @@ reads one volume slice by slice and reports ``getrusage(RUSAGE_SELF).ru_maxrss``
 written by 1 process, then by 2 (each its chunk-aligned half, as under torchrun). ``predict``:
 ``cellp2p predict`` of one OME-Zarr volume into a store by 1 process and by torchrun's 2.
 ``predict_rss``: peak RSS of that prediction (one process) for 16 and 128 slices.
+``train_rss``: peak RSS of ``cellp2p train`` (4 steps, small U-Net, 128² crops, 2 validation
+slices) from an OME-Zarr volume and labels of 16 and 256 slices of 2048².
 
     .venv/bin/python benchmarks/bench_stores.py                 # ~2-3 min on 2 cores
     .venv/bin/python benchmarks/bench_stores.py --quick         # ~30 s, smaller volumes
@@ -48,6 +50,7 @@ SIZES = {
         repeats=3,
         predict=(32, 1024),
         predict_rss=[(16, 1024), (128, 1024)],
+        train_rss=[(16, 2048), (256, 2048)],
     ),
     "quick": dict(
         tp=(16, 512),
@@ -56,16 +59,18 @@ SIZES = {
         repeats=2,
         predict=(8, 512),
         predict_rss=[(16, 512), (128, 512)],
+        train_rss=[(16, 512), (128, 512)],
     ),
 }
 
 
-def base_planes(size: int) -> np.ndarray:
-    """Two EM-like slices (cellp2p.synth) of ``size``², tiled up from 1024² to stay fast."""
+def base_planes(size: int, labels: bool = False) -> np.ndarray:
+    """Two EM-like slices (cellp2p.synth) of ``size``², or their labels, tiled up from 1024²
+    to stay fast."""
     from cellp2p.synth import make_em
 
     tile = min(size, 1024)
-    em, _ = make_em(2, (tile, tile), seed=0)
+    em = make_em(2, (tile, tile), seed=0)[int(labels)]
     reps = -(-size // tile)
     return np.stack([np.tile(p, (reps, reps))[:size, :size] for p in em])
 
@@ -75,11 +80,12 @@ def plane(base: np.ndarray, z: int) -> np.ndarray:
     return np.roll(base[z % len(base)], 17 * z, axis=1)
 
 
-def base_file(tmp: Path, size: int) -> Path:
-    """The base slices of ``size``², made once and saved for the child processes to load."""
-    path = tmp / f"base{size}.npy"
+def base_file(tmp: Path, size: int, labels: bool = False) -> Path:
+    """The base slices of ``size``² (or their labels), made once and saved for the child
+    processes to load."""
+    path = tmp / f"base{size}{'_labels' if labels else ''}.npy"
     if not path.exists():
-        np.save(path, base_planes(size))
+        np.save(path, base_planes(size, labels))
     return path
 
 
@@ -384,6 +390,48 @@ def bench_predict_rss(tmp: Path, configs: list[tuple[int, int]]) -> list[dict[st
     return rows
 
 
+def train_command(vol: Path, lab: Path, out: Path, nz: int) -> list[str]:
+    """``cellp2p train`` for a few steps (small U-Net, 128² crops), validated on 2 slices."""
+    cmd = [sys.executable, "-m", "cellp2p", "train", "--volume", str(vol), "--labels", str(lab)]
+    cmd += [
+        "--out",
+        str(out),
+        "--train-slices",
+        f"0-{nz - 3}",
+        "--val-slices",
+        f"{nz - 2}-{nz - 1}",
+    ]
+    cmd += ["--max-steps", "4", "--eval-every", "4", "--crop", "128", "--batch-size", "2"]
+    return [*cmd, "--device", "cpu", "--quiet"]
+
+
+def bench_train_rss(tmp: Path, configs: list[tuple[int, int]]) -> list[dict[str, Any]]:
+    """Peak RSS of ``cellp2p train`` from an OME-Zarr volume and labels (crops read lazily),
+    each run its own process (``wait4``'s ru_maxrss), for each (slices, size)."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
+    env["PYTHONPATH"] = str(ROOT)
+    rows = []
+    for nz, size in configs:
+        vol, lab = tmp / f"train{nz}_v.zarr", tmp / f"train{nz}_l.zarr"
+        write_zarr(vol, np.load(base_file(tmp, size)), nz, levels=1)
+        write_zarr(lab, np.load(base_file(tmp, size, labels=True)), nz, levels=1)
+        t0 = time.perf_counter()
+        proc = subprocess.Popen(train_command(vol, lab, tmp / f"train{nz}_run", nz), env=env,
+                                stdout=subprocess.DEVNULL)  # fmt: skip
+        _, status, usage = os.wait4(proc.pid, 0)
+        if os.waitstatus_to_exitcode(status):
+            raise SystemExit(f"train from {vol} failed")
+        rows.append({"slices": nz, "size": size, "volume_MB": round(nz * size * size / 1e6),
+                     "peak_MiB": round(usage.ru_maxrss / 1024, 1),
+                     "seconds": round(time.perf_counter() - t0, 2)})  # fmt: skip
+        for path in (vol, lab, tmp / f"train{nz}_run"):
+            remove(path)
+    first = rows[0]["peak_MiB"]
+    for row in rows:
+        row["vs_first"] = f"{100 * (row['peak_MiB'] / first - 1):+.1f} %"
+    return rows
+
+
 # -- report -----------------------------------------------------------------------------------
 
 
@@ -402,7 +450,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--quick", action="store_true", help="smaller volumes (~30 s)")
     ap.add_argument(
         "--only",
-        default="throughput,rss,procs,predict,predict_rss",
+        default="throughput,rss,procs,predict,predict_rss,train_rss",
         help="comma-separated sections",
     )
     ap.add_argument("--json", type=Path, help="also write the results to this file")
@@ -440,6 +488,10 @@ def main(argv: list[str] | None = None) -> None:
         if "predict_rss" in only:
             result["predict_rss"] = rows = bench_predict_rss(tmp, sizes["predict_rss"])
             print(table(rows, ["slices", "size", "peak_MiB", "vs_first", "seconds"]), "\n")
+        if "train_rss" in only:
+            result["train_rss"] = rows = bench_train_rss(tmp, sizes["train_rss"])
+            cols = ["slices", "size", "volume_MB", "peak_MiB", "vs_first", "seconds"]
+            print(table(rows, cols), "\n")
     result["load_avg_end"] = os.getloadavg()[0]
     print(f"load average (1 min): {result['load_avg_start']:.2f} -> {result['load_avg_end']:.2f}")
     if args.json:

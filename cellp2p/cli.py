@@ -131,14 +131,17 @@ def table_option(name: str, *, default: Any = _TABLE, help: str | None = None) -
 
 @main.command()
 @click.argument("target")
-def info(target: str) -> None:
+@click.option(
+    "--level", type=click.IntRange(min=0), default=0, help="Pyramid level of an OME-Zarr store."
+)
+def info(target: str, level: int) -> None:
     """Describe a stack (TIFF, PNG or folder) or a data manifest (e.g. isbi2012).
 
     Prints shape, axes, dtype, value range, label values and pixel size.
     """
     from cellp2p.info import info as info_fn
 
-    click.echo(info_fn(target))
+    click.echo(info_fn(target, level=level))
 
 
 def _synth_options() -> list[click.Parameter]:

@@ -29,7 +29,9 @@ MODES = ("unet", "pix2pix")
 TASKS = ("segment", "translate")
 DIRECTIONS = ("AtoB", "BtoA")
 LABEL_MODES = ("auto", "binary", "nonzero", "multiclass", "instances")
-INSTANCE_TARGETS = ("separated", "boundary")
+INSTANCE_TARGETS = ("boundary", "separated")
+# Measured best for the U-Net (benchmarks/RESULTS.md); pix2pix learns images, not classes.
+DEFAULT_INSTANCE_TARGET = {"unet": "boundary", "pix2pix": "separated"}
 MAX_CLASSES = 16
 GROUPS = ("data", "model", "optimisation", "run")
 
@@ -89,6 +91,7 @@ RESUME_FIXED = (
     "norm_method",
     "train_slices",
     "val_slices",
+    "level",
 )
 
 
@@ -207,17 +210,21 @@ class TrainConfig:
     )
     train_slices: str | None = _opt(None, "data", "Training slices, e.g. 0-24 or 0,2,4-9.")
     val_slices: str | None = _opt(None, "data", "Validation slices, e.g. 25-29.")
+    level: int = _opt(
+        0, "data", "Pyramid level of OME-Zarr --volume/--labels (stores only).", bound=NON_NEGATIVE
+    )
     labels_mode: str = _opt(
         "auto",
         "data",
         "How labels become classes (segment): nonzero = foreground is label > 0.",
         choices=LABEL_MODES,
     )
-    instance_target: str = _opt(
-        "separated",
+    instance_target: str | None = _opt(
+        None,
         "data",
-        "What instance labels train (U-Net): the separated foreground (touching pixels cut), "
-        "or boundary = background / interior / boundary classes.",
+        "What instance labels train: boundary = background / interior / boundary classes "
+        "(U-Net only), or the separated foreground (touching pixels cut) "
+        f"[{_pairs(DEFAULT_INSTANCE_TARGET)}].",
         choices=INSTANCE_TARGETS,
     )
     border_weights: bool | None = _opt(
@@ -434,6 +441,10 @@ class TrainConfig:
     def learning_rate(self) -> float:
         """``lr``, or the mode's default."""
         return self.lr if self.lr is not None else DEFAULT_LR[self.mode]
+
+    def instance_scheme(self) -> str:
+        """What instance labels train: ``instance_target``, or the mode's default."""
+        return self.instance_target or DEFAULT_INSTANCE_TARGET[self.mode]
 
     def loss_name(self) -> str:
         """The U-Net's supervised loss: ``loss``, or the task's default."""

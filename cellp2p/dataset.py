@@ -15,25 +15,36 @@ import torch
 
 from cellp2p import checks, distributed, io
 from cellp2p.config import MAX_CLASSES, TrainConfig
-from cellp2p.errors import CellP2PError
-from cellp2p.instances import (
-    instance_target,
-    looks_dense,
-    looks_like_ids,
-    validation_objects,
-    weight_channel,
+from cellp2p.crops import (
+    ArrayCrops,
+    LabelScan,
+    Recipe,
+    StoreCrops,
+    check_finite,
+    count_foreground,
+    norm_sample,
+    scan_labels,
 )
+from cellp2p.errors import CellP2PError
+from cellp2p.instances import instance_target, validation_objects, weight_channel
 from cellp2p.normalization import Normalization
 from cellp2p.slices import format_ranges
 from cellp2p.sources import resolve_sources, split_slices
+from cellp2p.stores import is_store
 
 
 @dataclass
 class PairedData:
-    """Normalised training and validation pairs in memory, (N, C, Y, X) float32."""
+    """Normalised training and validation pairs, (N, C, Y, X) float32.
 
-    train_x: np.ndarray
-    train_y: np.ndarray
+    ``crops`` is where the training crops come from: the arrays ``train_x``/``train_y`` in
+    memory (:class:`cellp2p.crops.ArrayCrops`, made from them when not given), or a volume and
+    a labels store read crop by crop (:class:`cellp2p.crops.StoreCrops`; ``train_x`` and
+    ``train_y`` are then None). Validation slices are always in memory.
+    """
+
+    train_x: np.ndarray | None
+    train_y: np.ndarray | None
     val_x: np.ndarray
     val_y: np.ndarray
     val_ids: list[int]
@@ -46,112 +57,209 @@ class PairedData:
     val_instances: np.ndarray | None = None  # the validation objects (instance scores, tuning)
     dense: bool = False  # membrane data: cells fill the slice (dense watershed)
     instances: bool = False  # trained from instance labels
-    weighted: bool = False  # train_y's last channel: the border weight map (issue 15)
+    weighted: bool = False  # the training target's last channel: the border weight map
+    crops: Any = None  # ArrayCrops | StoreCrops
+
+    def __post_init__(self) -> None:
+        if self.crops is None:
+            assert self.train_x is not None and self.train_y is not None
+            self.crops = ArrayCrops(self.train_x, self.train_y)
 
     @property
     def in_channels(self) -> int:
         """Channels of the network input."""
-        return self.train_x.shape[1]
+        return self.crops.channels[0]
 
     @property
     def out_channels(self) -> int:
         """Channels of the network output: one per class for multiclass targets."""
         if self.target_kind == "multiclass":
             return len(self.classes)
-        return self.train_y.shape[1] - int(self.weighted)  # the weights are no output
+        return self.crops.channels[1] - int(self.weighted)  # the weights are no output
 
 
-def _target_kind(labels: np.ndarray, path: Path, cfg: TrainConfig) -> tuple[str, list[int]]:
-    """binary / multiclass / image, and the class values."""
-    if cfg.task == "translate":
-        return "image", []
-    checks.check_grayscale(labels, path)
+def _target_kind(
+    scan: LabelScan | None, path: Path, cfg: TrainConfig
+) -> tuple[str, list[int], bool]:
+    """binary / multiclass / image, the class values, and whether the labels are instances."""
+    if cfg.task == "translate" or scan is None:
+        return "image", [], False
+    checks.check_grayscale(np.broadcast_to(np.uint8(0), scan.shape), path)
     if cfg.labels_mode == "nonzero":
-        return "binary", [0, 1]
-    values = np.unique(labels)
+        return "binary", [0, 1], False
+    values = scan.values
     if cfg.labels_mode == "binary" or len(values) <= 2:
-        checks.binary_labels(labels, path, "binary")
-        return "binary", [int(v) for v in values]
+        checks.binary_labels(values.reshape(1, 1, -1), path, "binary")
+        return "binary", [int(v) for v in values], False
     if cfg.labels_mode in ("auto", "instances") and (
-        cfg.labels_mode == "instances" or looks_like_ids(labels, MAX_CLASSES)
-    ):
-        return "instances", [0, 1, 2]  # issue 15: ids, trained as separated objects
+        cfg.labels_mode == "instances" or scan.looks_like_ids(MAX_CLASSES)
+    ):  # issue 15: ids, trained as separated objects (the values checked as ids here)
+        ids = values.reshape(1, 1, -1)
+        kind, classes, _ = instance_target(ids, cfg.mode, str(path), cfg.instance_scheme())
+        return kind, classes, True
     if cfg.labels_mode == "multiclass" or len(values) <= MAX_CLASSES:
         if len(values) > 256:
             raise CellP2PError(f"{path}: {len(values)} label values is too many classes")
-        return "multiclass", [int(v) for v in values]
+        return "multiclass", [int(v) for v in values], False
     raise CellP2PError(
         f"{path}: labels have {len(values)} values (looks like instance labels); pass "
         "--labels-mode nonzero to segment foreground = label > 0, or --task translate"
     )
 
 
+def check_level(cfg: TrainConfig, paths: list[Path]) -> None:
+    """``--level`` picks an OME-Zarr pyramid level: refused for inputs that are no store."""
+    if not cfg.level:
+        return
+    if cfg.ab:
+        raise CellP2PError(f"{cfg.ab}: --level {cfg.level} reads a store's pyramid level, but "
+                           "--ab images have none; drop --level")  # fmt: skip
+    for path in paths:
+        if not is_store(path):
+            raise CellP2PError(
+                f"{path}: --level {cfg.level}, but only an OME-Zarr store has pyramid levels; "
+                "drop --level or give the volume and labels as stores"
+            )
+
+
 def load_data(cfg: TrainConfig, norms: dict[str, Any] | None = None) -> PairedData:
-    """Read, validate, split and normalise the training pair (``norms``: a checkpoint's)."""
+    """Read, validate, split and normalise the training pair (``norms``: a checkpoint's).
+
+    A volume and labels that are both stores (OME-Zarr, zarr, HDF5) are read lazily: checked
+    and scanned slice by slice, the normalisation fitted on at most
+    :data:`cellp2p.crops.NORM_BUDGET` bytes of training slices, and every crop read when drawn;
+    anything else is read into memory.
+    """
+    check_level(cfg, [])
     if cfg.ab:  # a folder of pix2pix AB images (issue 18)
         from cellp2p.ab import load_ab_data
 
         return load_ab_data(cfg, norms)
     src = resolve_sources(cfg.volume, cfg.labels, cfg.manifest, cfg.data_dir)
+    check_level(cfg, [src.volume, src.labels])
+    if cfg.direction == "BtoA" and cfg.task != "translate":
+        raise CellP2PError(
+            "--direction BtoA makes images from labels: use it with --task translate"
+        )
+    if is_store(src.volume) and is_store(src.labels):
+        with (
+            io.open_stack(src.volume, cfg.level) as vol,
+            io.open_stack(src.labels, cfg.level) as lab,
+        ):
+            return _load_lazy(cfg, src, vol, lab, norms)
+    volume, labels = io.read_stack(src.volume), io.read_stack(src.labels)
+    plan = _plan(cfg, src, volume.data, labels.data)
+    recipe, train_ids = plan.recipe, plan.train_ids
+    _set_norms(recipe, norms, lambda: (volume.data[train_ids], labels.data[train_ids]))
+    x, y = recipe.normalise(volume.data, recipe.target(labels.data))
+    weights = weight_channel(labels.data, recipe.instances, cfg) if recipe.weighted() else None
+    if weights is not None:
+        y = np.concatenate([y, weights], 1)
+    val = plan.val_ids
+    crops = ArrayCrops(x[train_ids], y[train_ids])
+    return _paired(plan, crops, volume.data[val], labels.data[val], volume.spacing)
+
+
+@dataclass
+class _Plan:
+    """A checked training pair: the split, the recipe and the label scan."""
+
+    src: Any  # Sources
+    recipe: Recipe
+    scan: LabelScan | None
+    train_ids: list[int]
+    val_ids: list[int]
+
+
+def _plan(cfg: TrainConfig, src: Any, volume: Any, labels: Any) -> _Plan:
+    """Check the pair slice by slice (shapes, NaN/inf, label values), split it, find the kind.
+
+    ``volume`` and ``labels`` are arrays or readers: one slice at a time is looked at.
+    """
     vpath, lpath = src.volume, src.labels
-    volume = io.read_stack(vpath)
-    labels = io.read_stack(lpath)
-    checks.check_pair(volume.data.shape, labels.data.shape, vpath, lpath)
-    checks.check_finite(volume.data, vpath)
-    checks.check_finite(labels.data, lpath)
-    n = volume.data.shape[0]
+    checks.check_pair(volume.shape, labels.shape, vpath, lpath)
+    check_finite(volume, vpath)
+    scan = None
+    if cfg.task == "translate":  # an image, not labels: only checked for NaN/inf
+        check_finite(labels, lpath)
+    else:
+        scan = scan_labels(labels, lpath, MAX_CLASSES)
+    n = volume.shape[0]
     train_ids, val_ids = split_slices(n, cfg.train_slices, cfg.val_slices, src.split, vpath)
     check_overlap(cfg, train_ids, val_ids, vpath)
-    kind, classes = _target_kind(labels.data, lpath, cfg)
-    instances = kind == "instances"
-    if instances:  # boundary classes (U-Net) or the separated foreground (pix2pix)
-        kind, classes, target = instance_target(
-            labels.data, cfg.mode, str(lpath), cfg.instance_target
-        )
-    else:
-        target = _target(labels.data, lpath, kind, classes, cfg)
-    source = volume.data if volume.data.ndim == 4 else volume.data[:, None]
-    if cfg.direction == "BtoA":
-        if cfg.task != "translate":
-            raise CellP2PError(
-                "--direction BtoA makes images from labels: use it with --task translate"
-            )
-        source, target = target, source
-    if norms:
-        in_norm = Normalization.from_dict(norms["input"])
-        t_norm = Normalization.from_dict(norms["target"]) if norms.get("target") else None
-    else:  # fitted on the training slices only
-        in_norm = Normalization.fit(source[train_ids], cfg.norm_method)
-        fit_target = kind == "image"
-        t_norm = Normalization.fit(target[train_ids], cfg.norm_method) if fit_target else None
-    x = in_norm.apply(source)
-    y = np.clip(t_norm.apply(target), 0.0, 1.0) if t_norm else target.astype(np.float32)
-    weights = None if kind == "image" else weight_channel(labels.data, instances, cfg)
-    H, W = x.shape[-2:]
+    kind, classes, instances = _target_kind(scan, lpath, cfg)
+    values = scan.values if scan is not None else np.array([])
+    H, W = volume.shape[-2:]
     if cfg.crop > min(H, W):
         raise CellP2PError(
             f"--crop {cfg.crop} is larger than the slices of {vpath} ({H}x{W}); "
             f"use --crop {min(H, W)} or smaller"
         )
+    recipe = Recipe(kind, classes, values, instances, cfg, lpath)
+    return _Plan(src, recipe, scan, train_ids, val_ids)
+
+
+def _set_norms(recipe: Recipe, norms: dict[str, Any] | None, sample: Callable[[], tuple]) -> None:
+    """A checkpoint's normalisation, or one fitted on ``sample()`` (raw training slices)."""
+    if norms:
+        recipe.in_norm = Normalization.from_dict(norms["input"])
+        recipe.t_norm = Normalization.from_dict(norms["target"]) if norms.get("target") else None
+    else:  # fitted on the training slices only
+        image, labels = sample()
+        recipe.fit(image, labels)
+
+
+def _paired(
+    plan: _Plan, crops: Any, val_image: np.ndarray, val_labels: np.ndarray, spacing: Any
+) -> PairedData:
+    """The PairedData of a plan: the training crops, and the validation slices made here."""
+    recipe = plan.recipe
+    val_x, val_y = recipe.normalise(val_image, recipe.target(val_labels))
+    image = recipe.kind == "image"
+    assert recipe.in_norm is not None
+    arrays = isinstance(crops, ArrayCrops)
     return PairedData(
-        train_x=x[train_ids],
-        train_y=y[train_ids] if weights is None else np.concatenate([y, weights], 1)[train_ids],
-        val_x=x[val_ids],
-        val_y=y[val_ids],
-        val_ids=list(val_ids),
-        input_norm=in_norm,
-        target_norm=t_norm,
-        target_kind=kind,
-        classes=classes,
-        spacing=volume.spacing,
-        sources={"volume": str(vpath), "labels": str(lpath)},
-        val_instances=None
-        if kind == "image"
-        else validation_objects(labels.data[val_ids], instances),
-        dense=kind == "binary" and not instances and looks_dense(labels.data),
-        instances=instances,
-        weighted=weights is not None,
+        train_x=crops.x if arrays else None,
+        train_y=crops.y if arrays else None,
+        val_x=val_x,
+        val_y=val_y,
+        val_ids=list(plan.val_ids),
+        input_norm=recipe.in_norm,
+        target_norm=recipe.t_norm,
+        target_kind=recipe.kind,
+        classes=recipe.classes,
+        spacing=spacing,
+        sources={"volume": str(plan.src.volume), "labels": str(plan.src.labels)},
+        val_instances=None if image else validation_objects(val_labels, recipe.instances),
+        dense=recipe.kind == "binary" and not recipe.instances and plan.scan.looks_dense(),
+        instances=recipe.instances,
+        weighted=recipe.weighted(),
+        crops=crops,
     )
+
+
+def _load_lazy(
+    cfg: TrainConfig, src: Any, vol: Any, lab: Any, norms: dict[str, Any] | None
+) -> PairedData:
+    """The training pair of two stores, crops read when drawn (:class:`StoreCrops`)."""
+    plan = _plan(cfg, src, vol, lab)
+    recipe, train_ids = plan.recipe, plan.train_ids
+    slice_bytes = int(np.prod(vol.shape[1:])) * np.dtype(vol.dtype).itemsize
+    picks = norm_sample(train_ids, slice_bytes)
+    image = recipe.kind == "image"
+    _set_norms(recipe, norms, lambda: (vol.read(picks), lab.read(picks) if image else None))
+    fg = {}
+    if recipe.weighted() and cfg.border_class_balance:
+        fg = count_foreground(lab, train_ids, recipe)
+    pixel = (slice(train_ids[0], train_ids[0] + 1), slice(0, 1), slice(0, 1))
+    x, y = recipe.normalise(vol.crop(*pixel), recipe.target(lab.crop(*pixel)))  # the channels
+    channels = (x.shape[1], y.shape[1] + int(recipe.weighted()))
+    size = (int(vol.shape[-2]), int(vol.shape[-1]))
+    crops = StoreCrops(
+        str(src.volume), str(src.labels), cfg.level, train_ids, recipe, size, channels, fg
+    )
+    val = plan.val_ids
+    return _paired(plan, crops, vol.read(val), lab.read(val), vol.spacing)
 
 
 def check_overlap(cfg: TrainConfig, train_ids: list[int], val_ids: list[int], vpath: Path) -> None:
@@ -196,21 +304,9 @@ def check_resumed_data(ckpt: dict[str, Any], data: PairedData, cfg: TrainConfig)
         )
 
 
-def _target(
-    labels: np.ndarray, path: Path, kind: str, classes: list[int], cfg: TrainConfig
-) -> np.ndarray:
-    """The training target (N, C, Y, X): 0/1, class indices, or the image as it is."""
-    if kind == "binary":
-        mode = "nonzero" if cfg.labels_mode == "nonzero" else "binary"
-        return checks.binary_labels(labels, path, mode).astype(np.float32)[:, None]
-    if kind == "multiclass":
-        lut = {v: i for i, v in enumerate(classes)}
-        return np.vectorize(lut.__getitem__, otypes=[np.float32])(labels)[:, None]
-    return labels if labels.ndim == 4 else labels[:, None]
-
-
 def make_augment(cfg: TrainConfig, target_kind: str) -> Callable[[dict], dict]:
-    """Paired MONAI dictionary transforms, drawn once and applied to input and target alike."""
+    """Paired MONAI dictionary transforms, drawn once and applied to input and target alike,
+    on a crop already cut (:class:`StepBatches` draws where)."""
     from monai.transforms import (
         Compose,
         Rand2DElasticd,
@@ -227,9 +323,8 @@ def make_augment(cfg: TrainConfig, target_kind: str) -> Callable[[dict], dict]:
     ts: list = []
     if cfg.jitter:  # the pix2pix paper's jitter: resize to 286/256 of the crop, random crop back
         big = round(cfg.crop * 286 / 256)
-        ts.append(RandSpatialCropd(keys, roi_size=(cfg.crop, cfg.crop), random_size=False))
         ts.append(Resized(keys, spatial_size=(big, big), mode=("bilinear", nearest)))
-    ts.append(RandSpatialCropd(keys, roi_size=(cfg.crop, cfg.crop), random_size=False))
+        ts.append(RandSpatialCropd(keys, roi_size=(cfg.crop, cfg.crop), random_size=False))
     if cfg.augment:
         ts += [
             RandFlipd(keys, prob=0.5, spatial_axis=0),
@@ -257,14 +352,16 @@ def make_augment(cfg: TrainConfig, target_kind: str) -> Callable[[dict], dict]:
 class StepBatches(torch.utils.data.Dataset):
     """Item ``step`` is the batch for that step, a pure function of (seed, step).
 
-    With ``world_size`` W, the step's global batch has W × batch_size crops and rank r gets
-    crops r·b … (r+1)·b − 1 of it: W ranks × b crops see exactly the crops one process would
-    see with W·b. The choice of slices and the augmentation seeds of the whole global batch are
-    drawn on every rank (cheap); only the rank's own crops are augmented.
+    Each crop's training slice, augmentation seed and corner are drawn from the step's
+    generator, for in-memory arrays and stores alike (``data.crops`` then only cuts or reads
+    that crop). With ``world_size`` W, the step's global batch has W × batch_size crops and
+    rank r gets crops r·b … (r+1)·b − 1 of it: W ranks × b crops see exactly the crops one
+    process would see with W·b. The draws of the whole global batch are made on every rank
+    (cheap); only the rank's own crops are read and augmented.
     """
 
     def __init__(self, data: PairedData, cfg: TrainConfig, rank: int = 0, world_size: int = 1):
-        self.x, self.y = data.train_x, data.train_y
+        self.crops = data.crops
         self.cfg = cfg
         self.augment = make_augment(cfg, data.target_kind)
         self.total, self.lo, self.hi = distributed.shard_bounds(cfg.batch_size, rank, world_size)
@@ -272,15 +369,24 @@ class StepBatches(torch.utils.data.Dataset):
     def __len__(self) -> int:
         return 2**62
 
-    def __getitem__(self, step: int) -> tuple[torch.Tensor, torch.Tensor]:
+    def draw(self, step: int) -> list[tuple[int, int, int, int]]:
+        """(slice, augmentation seed, y0, x0) of each crop of the step's global batch."""
         rng = np.random.default_rng([self.cfg.seed, step])
-        ids = rng.integers(0, len(self.x), size=self.total)
+        ids = rng.integers(0, len(self.crops), size=self.total)
         seeds = [int(rng.integers(2**31)) for _ in range(self.total)]
+        H, W = self.crops.size
+        corners = rng.integers(0, [H - self.cfg.crop + 1, W - self.cfg.crop + 1], (self.total, 2))
+        return [
+            (int(i), s, int(y), int(x)) for i, s, (y, x) in zip(ids, seeds, corners, strict=True)
+        ]
+
+    def __getitem__(self, step: int) -> tuple[torch.Tensor, torch.Tensor]:
         xs, ys = [], []
         with _plain_tensors():
-            for i, seed in zip(ids[self.lo : self.hi], seeds[self.lo : self.hi], strict=True):
+            for i, seed, y0, x0 in self.draw(step)[self.lo : self.hi]:
+                image, target = self.crops.pair(i, y0, x0, self.cfg.crop)
                 self.augment.set_random_state(seed=seed)
-                item = self.augment({"image": self.x[i], "target": self.y[i]})
+                item = self.augment({"image": image, "target": target})
                 xs.append(torch.as_tensor(np.asarray(item["image"]), dtype=torch.float32))
                 ys.append(torch.as_tensor(np.asarray(item["target"]), dtype=torch.float32))
         return torch.stack(xs), torch.stack(ys)
@@ -302,8 +408,8 @@ def _plain_tensors() -> Iterator[None]:
 
 def steps_per_epoch(cfg: TrainConfig, data: PairedData, world_size: int = 1) -> int:
     """Steps whose crops (``world_size × --batch-size`` a step) cover the training slices once."""
-    H, W = data.train_x.shape[-2:]
-    crops = len(data.train_x) * H * W / (cfg.crop * cfg.crop)
+    H, W = data.crops.size
+    crops = len(data.crops) * H * W / (cfg.crop * cfg.crop)
     return max(1, math.ceil(crops / cfg.batch_size / world_size))
 
 

@@ -143,6 +143,15 @@ class World:
         torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MAX, group=self.control)
         return bool(int(t))
 
+    def first_error(self, message: str | None) -> str | None:
+        """The first (by rank) of the processes' error messages, in every process; None when
+        none has one. Each process passes its own (None: fine), so all can stop with one line."""
+        if self.size <= 1:
+            return message
+        box: list[str | None] = [None] * self.size
+        torch.distributed.all_gather_object(box, message, group=self.control)
+        return next((m for m in box if m), None)
+
     def mean(self, values: dict[str, float]) -> dict[str, float]:
         """The mean over processes of each value (every process passes the same keys)."""
         if self.size <= 1 or not values:

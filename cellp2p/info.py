@@ -22,10 +22,10 @@ def _fmt_shape(shape: Iterable[int]) -> str:
     return " x ".join(str(n) for n in shape)
 
 
-def _summarise_stack(path: Path) -> list[str]:
+def _summarise_stack(path: Path, level: int = 0) -> list[str]:
     from cellp2p.io import open_stack
 
-    with open_stack(path) as reader:
+    with open_stack(path, level=level) as reader:
         shape, dtype = tuple(reader.shape), np.dtype(reader.dtype)
         axes = "ZYX" if len(shape) == 3 else "ZCYX"
         nz = len(reader)
@@ -143,19 +143,24 @@ def _summarise_manifest(manifest: Manifest) -> str:
     return "\n".join(lines)
 
 
-def info(path_or_manifest: str | Path) -> str:
-    """Human summary of an image file/folder (shape, dtype, range, labels) or a manifest."""
+def info(path_or_manifest: str | Path, level: int = 0) -> str:
+    """Human summary of an image file/folder (shape, dtype, range, labels) or a manifest;
+    ``level``: the OME-Zarr pyramid level a store is described at."""
     from cellp2p.io import IMAGE_SUFFIXES
 
     text = str(path_or_manifest)
     path = Path(text)
     from cellp2p.stores import describe_store, is_store
 
+    if level and not is_store(text):
+        raise CellP2PError(
+            f"{text}: --level {level}, but only an OME-Zarr store has pyramid levels; drop --level"
+        )
     if is_store(text):  # first: "file.h5:/raw" is no path that exists
-        lines = describe_store(text).splitlines()
+        lines = describe_store(text, level).splitlines()
         try:  # value range and uniques, sampled as for a TIFF
             keep = ("range", "unique", "not finite")
-            lines += [ln for ln in _summarise_stack(path) if ln.lstrip().startswith(keep)]
+            lines += [ln for ln in _summarise_stack(path, level) if ln.lstrip().startswith(keep)]
         except CellP2PError:
             pass  # an incomplete store: describe_store already says so
         return "\n".join(lines)

@@ -145,10 +145,11 @@ def instance_target(
 ) -> tuple[str, list[int], np.ndarray]:
     """(target kind, classes, training target (N, 1, Y, X) float32) of instance labels.
 
-    ``scheme`` (``--instance-target``) "separated" (the default; measured best with the
-    U-Net's border weights, benchmarks/RESULTS.md): the binary :func:`separated_foreground`;
-    "boundary" (U-Net only): three classes (0 background, 1 interior, 2 boundary:
-    :func:`boundary_targets`). Bad ids raise.
+    ``scheme`` (``--instance-target``; :meth:`cellp2p.config.TrainConfig.instance_scheme`):
+    "boundary" (U-Net only, its default: measured best with the border weights,
+    benchmarks/RESULTS.md): three classes (0 background, 1 interior, 2 boundary:
+    :func:`boundary_targets`); "separated" (pix2pix's): the binary :func:`separated_foreground`.
+    Bad ids raise.
     """
     from cellp2p.config import INSTANCE_TARGETS
 

@@ -106,7 +106,7 @@ def predict_stack(
     device = str(world.device) if world.size > 1 else device
     predictor = load_predictor(model, device, tta=tta, test_time_dropout=test_time_dropout)
     kind = predictor.resolve_output(output)
-    check_jobs(jobs, predictor, out, force, resume=resume, level=level, kind=kind)
+    check_jobs(jobs, predictor, out, force, resume=resume, level=level, kind=kind, world=world)
     for job in (j for j in jobs if j.skip and world.is_main):  # said even with --quiet
         print(f"{job.dst}: already finished; nothing to resume (--force writes it again)",
               file=sys.stderr)  # fmt: skip
@@ -120,7 +120,7 @@ def predict_stack(
     options = RunOptions(
         kind, threshold, tile, overlap, batch_size, force, quiet, resume=resume, level=level
     )
-    if world.size > 1 and len(jobs) == 1 and is_zarr(jobs[0].dst):
+    if is_split(jobs, world):
         world.barrier()  # every process has checked the output before rank 0 creates it
         predict_split(jobs[0], predictor, options, world)
         return [jobs[0].dst] if world.is_main and not jobs[0].skip else []
@@ -172,11 +172,10 @@ def check_jobs(
     resume: bool = False,
     level: int = 0,
     kind: str = "auto",
+    world: Any = None,
 ) -> None:
     """Channels, free output names (set as each job's ``dst``) and finite float inputs."""
     from cellp2p.fsutil import check_output
-    from cellp2p.io import open_stack
-    from cellp2p.stores import is_store
 
     for job in jobs:
         nchan = 1 if len(job.shape) == 3 else job.shape[1]
@@ -194,14 +193,40 @@ def check_jobs(
             job.dst = check_store_job(job, dst, predictor, kind, force, resume)
         else:
             job.dst = check_output(dst, force, create=False)
-    # Float stacks are scanned for NaN/inf first, so a bad slice in the last input does not
-    # leave the earlier ones written.
-    for job in jobs:
-        if np.issubdtype(job.dtype, np.floating):
+    check_finite_inputs(jobs, level, world)
+
+
+def is_split(jobs: Sequence[Job], world: Any) -> bool:
+    """Whether one volume is predicted by several processes into one store (its chunks split)."""
+    return world is not None and world.size > 1 and len(jobs) == 1 and is_zarr(jobs[0].dst)
+
+
+def check_finite_inputs(jobs: Sequence[Job], level: int = 0, world: Any = None) -> None:
+    """Scan float stacks for NaN/inf first, so a bad slice in the last input does not leave the
+    earlier ones written.
+
+    One volume split over processes (:func:`is_split`): each scans its share of the slices, and
+    a NaN found by any stops every process with that one error, before anything is written.
+    """
+    from cellp2p.io import open_stack
+    from cellp2p.stores import is_store, slice_range
+
+    split, error = is_split(jobs, world), None
+    try:
+        for job in (j for j in jobs if np.issubdtype(j.dtype, np.floating)):
+            ids = job.ids
+            if split:
+                ids = [ids[k] for k in slice_range(len(ids), 1, world.rank, world.size)]
             with open_stack(job.src, level=level if is_store(job.src) else 0) as reader:
-                for i in job.ids:
+                for i in ids:
                     check_finite_slice(reader[i], str(job.src), i)
                     _drop_mapped_pages(reader)
+    except CellP2PError as err:
+        if not split:
+            raise
+        error = str(err)
+    if split and (error := world.first_error(error)):
+        raise CellP2PError(error)
 
 
 # -- running -----------------------------------------------------------------------------------

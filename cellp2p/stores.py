@@ -442,8 +442,9 @@ class StoreReader:
         self.close()
 
 
-def describe_store(path: str | Path) -> str:
-    """Lines for ``cellp2p info``: format, shape, axes, dtype, chunks, levels, pixel size."""
+def describe_store(path: str | Path, level: int = 0) -> str:
+    """Lines for ``cellp2p info``: format, shape, axes, dtype, chunks, levels, pixel size (of
+    pyramid level ``level``)."""
     p = Path(path)
     marker = None if split_h5(path) else marker_of(p)
     if marker is not None:
@@ -458,7 +459,7 @@ def describe_store(path: str | Path) -> str:
                 f"  dtype      {spec.get('dtype')}",
             ]
         )
-    with StoreReader(path) as r:
+    with StoreReader(path, level=level) as r:
         lines = [
             f"{r.path}",
             f"  format     {r.format}",

@@ -133,7 +133,8 @@ def run_data(
     scale = float(np.percentile(image16, 99.9)) or 1.0
     image8 = np.clip(image16 / scale * 255, 0, 255).astype(np.uint8)
     classes = np.where(nuclei > 0, 255, 0).astype(np.uint8)
-    classes[find_boundaries(nuclei, mode="inner") & (nuclei > 0)] = 128
+    rims = np.stack([find_boundaries(n, mode="inner") for n in nuclei])  # slices: own fields
+    classes[rims & (nuclei > 0)] = 128
     return {
         "em": _write_pair(root / "em", volume, labels, EM_SPACING),
         "em_rgb": _write_pair(root / "em_rgb", rgb, labels, EM_SPACING),

@@ -73,6 +73,7 @@ def ddp(pair, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Result]:
     vol, lab = pair
     for i, name in enumerate(STACKS):
         write_stack(work / "stacks" / f"{name}.tif", make_em(2, (40, 40), seed=10 + i)[0])
+    _nan_store(work / "nan.zarr")
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone"]
     cmd += ["--nproc_per_node", str(WORLD), __file__, str(work), str(vol), str(lab)]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
@@ -167,6 +168,27 @@ def test_predict_shards_stacks_across_ranks(ddp):
         assert read_stack(work / "pred" / f"{name}_pred.tif").data.shape == (2, 40, 40)
 
 
+def _nan_store(path: Path) -> None:
+    """A float32 volume of 6 slices whose slice 4 (in rank 1's share) holds a NaN."""
+    from cellp2p.stores import StoreWriter
+
+    data = make_em(6, (40, 40), seed=4)[0].astype(np.float32)
+    data[4, 3, 5] = np.nan
+    with StoreWriter(path, shape=data.shape, dtype=data.dtype) as w:
+        for z, plane in enumerate(data):
+            w.write_slice(z, plane)
+
+
+def test_a_nan_in_one_share_stops_every_process_before_writing(ddp):
+    work, _ = ddp
+    lines = [(work / f"nan_{r}.txt").read_text() for r in range(WORLD)]
+    assert lines[0] == lines[1]  # every process stops with the same one line
+    assert "nan.zarr" in lines[0] and "NaN/inf" in lines[0] and "slice 4" in lines[0]
+    scanned = [json.loads((work / f"scanned_{r}.json").read_text()) for r in range(WORLD)]
+    assert scanned == [[0, 1, 2], [3, 4]]  # each its own share (rank 1 stops at the NaN)
+    assert not (work / "nan_pred.zarr").exists()
+
+
 def test_ddp_checkpoint_predicts_in_a_single_process(ddp, tmp_path):
     from cellp2p.predict import predict_stack
 
@@ -182,12 +204,16 @@ def test_step_batches_are_slices_of_the_global_batch(pair):
     parts = [StepBatches(data, cfg, r, 2)[7] for r in range(2)]
     for i in range(2):  # x, y
         assert torch.equal(torch.cat([p[i] for p in parts]), whole[i])
-    # One process draws the batches it drew before sharding existed.
+    # One process draws the slices and seeds it drew before sharding existed, then the corners.
     one = StepBatches(data, cfg)
     rng = np.random.default_rng([cfg.seed, 7])
-    for k, i in enumerate(rng.integers(0, len(data.train_x), size=cfg.batch_size)):
-        one.augment.set_random_state(seed=int(rng.integers(2**31)))
-        item = one.augment({"image": data.train_x[i], "target": data.train_y[i]})
+    ids = rng.integers(0, len(data.train_x), size=cfg.batch_size)
+    seeds = [int(rng.integers(2**31)) for _ in ids]
+    assert [(i, s) for i, s, _, _ in one.draw(7)] == list(zip(ids, seeds, strict=True))
+    for k, (i, seed, y0, x0) in enumerate(one.draw(7)):
+        one.augment.set_random_state(seed=seed)
+        win = (i, slice(None), slice(y0, y0 + 32), slice(x0, x0 + 32))
+        item = one.augment({"image": data.train_x[win], "target": data.train_y[win]})
         assert np.array_equal(np.asarray(item["image"]), one[7][0][k].numpy())
 
 
@@ -230,6 +256,29 @@ def _worker(work: Path, vol: Path, lab: Path) -> None:
     stacks = [work / "stacks" / f"{name}.tif" for name in STACKS]
     paths = predict_stack(stacks, work / "unet", out=work / "pred", device="cpu", quiet=True)
     (work / f"predict_{r}.json").write_text(json.dumps([str(p) for p in paths]))
+    _predict_nan(work, r)
+
+
+def _predict_nan(work: Path, r: int) -> None:
+    """One float volume with a NaN, split over the processes: each scans its share."""
+    from cellp2p import predict
+    from cellp2p.errors import CellP2PError
+
+    scanned: list[int] = []
+    check = predict.check_finite_slice
+
+    def recording(image: np.ndarray, source: str, index: int) -> None:
+        scanned.append(index)
+        check(image, source, index)
+
+    predict.check_finite_slice = recording
+    try:
+        predict.predict_stack([work / "nan.zarr"], work / "unet", device="cpu", quiet=True)
+    except CellP2PError as err:
+        (work / f"nan_{r}.txt").write_text(str(err))
+    finally:
+        predict.check_finite_slice = check
+    (work / f"scanned_{r}.json").write_text(json.dumps(scanned))
 
 
 if __name__ == "__main__":

@@ -67,20 +67,24 @@ def instance_run(tmp_path_factory, nuclei_pair) -> Path:
     return out
 
 
-def test_instance_labels_become_separated_objects_with_border_weights(nuclei_pair):
-    data = load_data(_cfg(*nuclei_pair))
-    assert data.instances and data.target_kind == "binary" and data.weighted
-    assert set(np.unique(data.train_y[:, 0])) <= {0.0, 1.0} and data.out_channels == 1
-    assert data.train_y[:, 1].max() > 2.0  # w0 between touching nuclei
+def test_instance_labels_become_boundary_classes_with_border_weights(nuclei_pair):
+    data = load_data(_cfg(*nuclei_pair))  # the U-Net's default: three classes, weighted
+    assert data.instances and data.target_kind == "multiclass" and data.classes == [0, 1, 2]
+    assert set(np.unique(data.train_y[:, 0])) <= {0.0, 1.0, 2.0} and data.out_channels == 3
+    assert data.weighted and data.train_y[:, 1].max() > 2.0  # w0 between touching nuclei
     assert data.val_y.shape[1] == 1  # validation: the target only
     assert data.val_instances is not None and data.val_instances.max() > 0
     assert not data.dense
-    boundary = _cfg(*nuclei_pair)
-    boundary.instance_target = "boundary"
-    boundary.border_weights = False
-    data = load_data(boundary)
-    assert data.target_kind == "multiclass" and data.classes == [0, 1, 2] and not data.weighted
-    assert set(np.unique(data.train_y)) <= {0.0, 1.0, 2.0} and data.out_channels == 3
+    separated = _cfg(*nuclei_pair)
+    separated.instance_target = "separated"
+    separated.border_weights = False
+    data = load_data(separated)
+    assert data.target_kind == "binary" and data.out_channels == 1 and not data.weighted
+    assert set(np.unique(data.train_y)) <= {0.0, 1.0}
+    pix2pix = _cfg(*nuclei_pair)
+    pix2pix.mode = "pix2pix"  # learns images: the separated foreground, no weights
+    data = load_data(pix2pix)
+    assert data.instances and data.target_kind == "binary" and not data.weighted
 
 
 def test_class_maps_stay_classes():
@@ -99,7 +103,7 @@ def test_train_predict_evaluate_instances(instance_run, nuclei_pair, tmp_path):
     ckpt = load_checkpoint(instance_run)
     post = ckpt["postprocessing"]
     assert post["method"] in ("watershed", "components") and not post["dense"]
-    assert not post["boundary"]
+    assert post["boundary"]  # three classes: P(boundary) floods
     assert {"threshold", "min_distance", "h", "min_size"} <= set(post)
     logged = json.loads((instance_run / "metrics.jsonl").read_text().splitlines()[-1])
     assert {"val_ap_50", "val_ap_75", "val_ap_mean"} <= set(logged)
@@ -126,12 +130,16 @@ def test_train_predict_evaluate_instances(instance_run, nuclei_pair, tmp_path):
     assert 0.0 <= mean["ap_mean"] <= mean["ap_50"] <= 1.0
 
 
-def test_predictor_labels_use_the_stored_watershed(instance_run, nuclei_pair):
+def test_predictor_labels_use_the_stored_postprocessing(instance_run, nuclei_pair):
     p = load_predictor(instance_run, device="cpu")
-    assert p.postprocessing and p.postprocessing["method"] == "watershed"
+    post = p.postprocessing
+    # Tuned at the end of training; a few steps may leave plain components the better choice.
+    assert post and post["tuned"] and post["method"] in ("watershed", "components")
     prob = p.predict_slice(tifffile.imread(nuclei_pair[0])[2])
-    assert prob.shape == (1, 64, 64)
-    assert p.to_output(prob, "labels").dtype == np.uint16
+    assert prob.shape == (3, 64, 64)  # the U-Net's default target: boundary classes
+    labels = p.to_output(prob, "labels")
+    assert labels.dtype == np.uint16
+    assert np.array_equal(labels, instance_labels(prob, p.target_kind, post))
 
 
 def test_two_touching_discs_from_boundary_probabilities():

@@ -433,9 +433,9 @@ def _predict_options() -> list[click.Parameter]:
         click.Option(
             ["--threshold"],
             type=float,
-            default=THRESHOLD,
-            show_default=True,
-            help="Foreground probability for mask and labels.",
+            default=None,
+            help=f"Foreground probability: masks [{THRESHOLD}]; labels [the one tuned on the "
+            f"validation slices at the end of training, else {THRESHOLD}].",
         ),
         click.Option(["--tile"], type=int, help=tile_help),
         table_option("device"),

@@ -140,14 +140,14 @@ def to_output(
     target_kind: str,
     classes: Sequence[int] = (),
     target_norm: Any = None,
-    threshold: float = THRESHOLD,
+    threshold: float | None = None,
     postprocessing: dict[str, Any] | None = None,
 ) -> np.ndarray:
     """One slice of [0, 1] values (C, Y, X) → the output kind.
 
     ``prob``: float32 as is (the channel axis dropped when there is one); ``mask``: uint8 0/255
-    (``p > threshold``), or the class values of the argmax for multiclass; ``labels``:
-    instances, uint16 (uint32 beyond 65535 objects), numbered per slice
+    (``p > threshold``, 0.5 when None), or the class values of the argmax for multiclass;
+    ``labels``: instances, uint16 (uint32 beyond 65535 objects), numbered per slice
     (:func:`instance_labels`); ``image``: the target's dtype and range.
     """
     prob = np.asarray(prob, dtype=np.float32)
@@ -160,7 +160,8 @@ def to_output(
     if output == "mask":
         if target_kind == "multiclass":
             return np.asarray(classes, dtype=mask_dtype(classes))[prob.argmax(0)]
-        return foreground(prob, target_kind, threshold).astype(np.uint8) * np.uint8(255)
+        t = THRESHOLD if threshold is None else threshold
+        return foreground(prob, target_kind, t).astype(np.uint8) * np.uint8(255)
     return instance_labels(prob, target_kind, postprocessing, threshold)
 
 
@@ -184,8 +185,8 @@ def instance_labels(
     ``postprocessing`` (a checkpoint's, :func:`cellp2p.instances.postprocessing_record`): a
     seeded watershed (:func:`cellp2p.instances.watershed_instances`) on P(object), with
     P(boundary) for three-class boundary models; absent or ``method`` "components": the
-    4-connected components of the foreground at ``threshold`` (before issue 15). A
-    ``threshold`` other than the default 0.5 replaces the tuned one.
+    4-connected components of the foreground at ``threshold`` (0.5 when None). A given
+    ``threshold`` replaces the tuned one.
     """
     from cellp2p.instances import WATERSHED_KEYS, watershed_instances
 
@@ -197,7 +198,7 @@ def instance_labels(
             foreground(prob, target_kind, THRESHOLD if threshold is None else threshold)
         )
     kw = {k: par[k] for k in WATERSHED_KEYS if par.get(k) is not None}
-    if threshold is not None and threshold != THRESHOLD:
+    if threshold is not None:
         kw["threshold"] = float(threshold)
     dense = bool(par.get("dense", False))
     if par.get("boundary") and target_kind == "multiclass" and prob.shape[0] == 3:

@@ -57,7 +57,7 @@ class RunOptions:
     """How every job is predicted and written."""
 
     kind: str
-    threshold: float
+    threshold: float | None  # None: 0.5 for masks, the tuned one for labels
     tile: int | None
     overlap: float
     batch_size: int
@@ -73,7 +73,7 @@ def predict_stack(
     *,
     out: str | Path | None = None,
     output: str = "auto",
-    threshold: float = 0.5,
+    threshold: float | None = None,
     tile: int | None = None,
     overlap: float = 0.25,
     tta: bool = False,
@@ -134,13 +134,17 @@ def predict_stack(
 
 
 def check_options(
-    inputs: Sequence[str | Path], threshold: float, tile: int | None, overlap: float, batch: int
+    inputs: Sequence[str | Path],
+    threshold: float | None,
+    tile: int | None,
+    overlap: float,
+    batch: int,
 ) -> None:
     """The option values, before anything is read."""
     if not inputs:
         raise CellP2PError("no input: give one or more stacks, images or folders")
     check_tiling(tile, overlap, batch)
-    if not 0 <= threshold <= 1:
+    if threshold is not None and not 0 <= threshold <= 1:
         raise CellP2PError(f"--threshold {threshold}: give a probability in [0, 1]")
 
 

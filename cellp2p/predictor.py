@@ -221,8 +221,11 @@ class Predictor:
             kind, yx, self.out_channels, self.target_kind, self.classes, dtype
         )
 
-    def to_output(self, prob: np.ndarray, output: str, threshold: float = 0.5) -> np.ndarray:
-        """One slice of [0, 1] values (C_out, Y, X) → the output kind (see :mod:`outputs`).
+    def to_output(
+        self, prob: np.ndarray, output: str, threshold: float | None = None
+    ) -> np.ndarray:
+        """One slice of [0, 1] values (C_out, Y, X) → the output kind (see :mod:`outputs`);
+        ``threshold`` None: 0.5 for masks, the tuned post-processing's for labels.
 
         Labels without any object are an all-zero image, with one note on stderr per predictor.
         """

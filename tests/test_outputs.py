@@ -136,3 +136,16 @@ def test_resolve_output():
         resolve_output("image", "binary", False)
     with pytest.raises(CellP2PError, match="translates"):
         resolve_output("mask", "image", True)
+
+
+def test_a_given_threshold_replaces_the_tuned_one_even_at_one_half():
+    from cellp2p.outputs import instance_labels
+
+    prob = np.zeros((1, 16, 32), np.float32)
+    prob[0, 4:12, 2:12] = 0.55  # one object at 0.55, the other at 0.9
+    prob[0, 4:12, 18:30] = 0.9
+    tuned = {"method": "watershed", "threshold": 0.6, "h": 0.0, "min_distance": 0, "min_size": 0}
+    assert instance_labels(prob, "binary", tuned).max() == 1  # the tuned 0.6 sees one
+    assert instance_labels(prob, "binary", tuned, threshold=0.5).max() == 2  # --threshold 0.5
+    mask = to_output(prob, "mask", target_kind="binary", postprocessing=tuned)
+    assert mask.max() == 255 and (mask > 0).sum() == 8 * 10 + 8 * 12  # masks: 0.5 by default

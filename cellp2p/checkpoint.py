@@ -176,14 +176,14 @@ def _tuple_state(state: Any) -> Any:
 
 def versions(device: torch.device) -> dict[str, str]:
     """The versions that trained the run (in config.json and every checkpoint)."""
-    import monai
+    from importlib.metadata import version  # not ``import monai``: ~1-2 s of imports
 
     import cellp2p
 
     return {
         "cellp2p": cellp2p.__version__,
         "torch": str(torch.__version__),
-        "monai": str(monai.__version__),
+        "monai": version("monai"),
         "numpy": str(np.__version__),
         "python": sys.version.split()[0],
         "device": str(device),

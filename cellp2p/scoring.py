@@ -39,6 +39,15 @@ from cellp2p.outputs import THRESHOLD, foreground_prob
 LOWER_IS_BETTER = frozenset({"pixel_error", "mae", "seg_pixel_error", "rand_error_dense"})
 # Reported beside the scores but not a quality (the threshold a best score was found at).
 NOT_RANKED = frozenset({"v_rand_threshold", "v_info_threshold"})
+# The costly segmentation scores (a 10-threshold ISBI sweep, watersheds): 70 % of a validation
+# of 5 ISBI slices. Training computes them where they are used (score_outputs ``full``).
+OBJECT_SCORES = ("v_rand", "v_info", "ap_50", "ap_75", "ap_mean", "rand_error_dense")
+
+
+def is_object_score(metric: str) -> bool:
+    """Whether ``metric`` (``val_`` prefix or not) is one of :data:`OBJECT_SCORES` or part."""
+    name = metric.removeprefix("val_")
+    return any(name == m or name.startswith(f"{m}_") for m in OBJECT_SCORES)
 
 
 def lower_is_better(metric: str) -> bool:
@@ -54,14 +63,22 @@ def is_improvement(metric: str, new: float, old: float | None) -> bool:
 
 
 def _segment_slice(
-    p: np.ndarray, t: np.ndarray, kind: str, target_is_labels: bool, post: dict | None = None
+    p: np.ndarray,
+    t: np.ndarray,
+    kind: str,
+    target_is_labels: bool,
+    post: dict | None = None,
+    objects: bool = True,
 ) -> dict:
-    """All segmentation metrics of one slice (see evaluate_arrays); ``_sweep``: the V scores of
-    each threshold (the stack-level choice is made over the slices, :func:`_stack_isbi`)."""
+    """All segmentation metrics of one slice (see evaluate_arrays), without the
+    :data:`OBJECT_SCORES` unless ``objects``; ``_sweep``: the V scores of each threshold (the
+    stack-level choice is made over the slices, :func:`_stack_isbi`)."""
     fg = p > THRESHOLD if kind == "prob" else p > 0
     t_fg = t > 0
     row: dict[str, Any] = {"pixel_error": pixel_error(fg, t_fg)}
     row.update(dice_iou(fg.astype(np.uint8), t_fg.astype(np.uint8), num_classes=2))
+    if not objects:
+        return row
     gt_seg = check_labels(t, "target") if target_is_labels else segments_from_binary(t_fg)
     if kind == "prob":
         cands = [(th, thin_boundaries(segments_from_binary(p > th))) for th in DEFAULT_THRESHOLDS]
@@ -104,7 +121,7 @@ def _stack_isbi(rows: list[dict]) -> None:
     V over the slices, first on ties) for V_rand and V_info each, as the challenge's script;
     the best threshold of each slice alone stays as ``v_rand_best`` / ``v_info_best`` (an
     optimistic extra)."""
-    sweeps = [r.pop("_sweep") for r in rows]
+    sweeps = [r.pop("_sweep") for r in rows if "_sweep" in r]
     if not sweeps:
         return
     for v, (split, merge) in _V_PARTS.items():
@@ -139,6 +156,7 @@ def evaluate_arrays(
     slice_ids: Sequence[int] | None = None,
     num_classes: int = 2,
     postprocessing: dict | None = None,
+    objects: bool = True,
 ) -> dict:
     """Per-slice and mean metrics of a (Z, Y, X) prediction stack against its target stack.
 
@@ -155,6 +173,7 @@ def evaluate_arrays(
     instances: labels as given, a mask's components, a probability map's seeded watershed
     (``postprocessing``, else the defaults; dense for membrane targets, which also get
     ``rand_error_dense``: 1 − V_rand of the cells grown over the membranes).
+    ``objects`` False: without those :data:`OBJECT_SCORES` (training's frequent evaluations).
     ``kind`` "classes": ``pred`` and ``target`` are class indices (0 … ``num_classes`` - 1):
     pixel_error and dice/iou per class.
     ``translate``: mae, psnr, ssim with ``data_range`` (default: the target dtype's range for
@@ -174,7 +193,7 @@ def evaluate_arrays(
         kind = _segment_kind(pred, kind)
         target_is_labels = target.dtype != bool and np.unique(target).size > 2
         scores = [
-            _segment_slice(p, t, kind, target_is_labels, postprocessing)
+            _segment_slice(p, t, kind, target_is_labels, postprocessing, objects)
             for p, t in zip(pred, target, strict=True)
         ]
         _stack_isbi(scores)
@@ -222,14 +241,19 @@ def _translate_slice(p: np.ndarray, t: np.ndarray, data_range: float) -> dict:
 
 
 def score_probabilities(
-    prob: np.ndarray, target: np.ndarray, slice_ids: Sequence[int] | None = None
+    prob: np.ndarray,
+    target: np.ndarray,
+    slice_ids: Sequence[int] | None = None,
+    objects: bool = True,
 ) -> dict:
     """:func:`evaluate_arrays` of foreground probabilities (Z, Y, X), clipped to [0, 1].
 
     The clip only removes float error (a softmax or a blend may overshoot 1 by an ulp).
     """
     prob = np.clip(np.asarray(prob), 0.0, 1.0)
-    return evaluate_arrays(prob, target, "segment", kind="prob", slice_ids=slice_ids)
+    return evaluate_arrays(
+        prob, target, "segment", kind="prob", slice_ids=slice_ids, objects=objects
+    )
 
 
 def score_prediction(
@@ -247,6 +271,7 @@ def score_outputs(
     target_kind: str,
     classes: Sequence[int] = (),
     objects: np.ndarray | None = None,
+    full: bool = True,
 ) -> dict[str, float]:
     """Mean scores of network outputs against training targets, as training validation logs them.
 
@@ -255,11 +280,12 @@ def score_outputs(
     :func:`evaluate_arrays` that ``evaluate`` and ``compare`` use, so a prediction written by
     ``predict`` and scored by ``evaluate`` gives the numbers training logged. ``objects``: the
     instance labels (N, Y, X) of a run trained from instances: ap_50 / ap_75 / ap_mean of the
-    default watershed (three classes: with P(boundary)) against them are added.
+    default watershed (three classes: with P(boundary)) against them are added. ``full``
+    False: without the :data:`OBJECT_SCORES`.
     """
     if target_kind == "binary":
         prob = np.stack([foreground_prob(p, target_kind) for p in pred])
-        result = score_probabilities(prob, target[:, 0])
+        result = score_probabilities(prob, target[:, 0], objects=full)
     elif target_kind == "multiclass":
         result = evaluate_arrays(
             pred.argmax(1),
@@ -274,7 +300,7 @@ def score_outputs(
             flat, target.reshape(-1, *target.shape[-2:]), "translate", data_range=1.0
         )
     mean = result["mean"]
-    if objects is not None:
+    if objects is not None and full:
         mean.update(instance_scores(pred, objects, boundary=target_kind == "multiclass"))
     return mean
 

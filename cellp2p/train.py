@@ -62,7 +62,7 @@ from cellp2p.rundir import (
     write_config,
 )
 from cellp2p.runtime import check_batch_memory, resolve_precision, seed_everything
-from cellp2p.scoring import is_improvement, score_outputs
+from cellp2p.scoring import is_improvement, is_object_score, score_outputs
 from cellp2p.tiling import forward_full
 
 __all__ = ["TrainConfig", "TrainState", "lr_factor", "make_loader", "train", "train_step"]
@@ -432,11 +432,20 @@ def _evaluation(
 
 
 def evaluate(state: TrainState, losses: dict[str, float], images_per_s: float) -> dict[str, Any]:
-    """Validate, then write the record, the checkpoints and the figures (rank 0)."""
-    val, pred = validate_run(state.mode, state.data, state.device)
-    record = make_record(state, losses, val, images_per_s)
+    """Validate, then write the record, the checkpoints and the figures (rank 0).
+
+    The object scores (:data:`cellp2p.scoring.OBJECT_SCORES`) and the watershed tuning are
+    computed at the evaluations that use them: one that improves (best.pt carries them), the
+    last, and every one when ``--best-metric`` is such a score.
+    """
+    final = state.step == state.total
+    full = final or is_object_score(state.best_metric)
+    val, pred = validate_run(state.mode, state.data, state.device, full)
     improved = _update_best(state, val)
-    if improved or state.step == state.total:  # issue 15: --output labels, tuned on validation
+    if improved and not full:
+        val = score_validation(pred, state.data, full=True)
+    record = make_record(state, losses, val, images_per_s)
+    if improved or final:  # issue 15: --output labels, tuned on validation
         state.postprocessing = tune_run(pred, state.data)
     write_checkpoints(state, record, improved)
     append_record(state.out, record)  # after the checkpoint: a logged step is always saved
@@ -445,7 +454,9 @@ def evaluate(state: TrainState, losses: dict[str, float], images_per_s: float) -
     return record
 
 
-def validate_run(mode: Mode, data: PairedData, device: torch.device) -> tuple[dict, np.ndarray]:
+def validate_run(
+    mode: Mode, data: PairedData, device: torch.device, full: bool = True
+) -> tuple[dict, np.ndarray]:
     """Metrics on whole held-out slices (not crops), and the predictions in [0, 1]."""
     preds = []
     was_training = mode.main.training
@@ -459,8 +470,13 @@ def validate_run(mode: Mode, data: PairedData, device: torch.device) -> tuple[di
         for m in mode.nets.values():
             m.train()
     pred = np.stack(preds)
+    return score_validation(pred, data, full), pred
+
+
+def score_validation(pred: np.ndarray, data: PairedData, full: bool = True) -> dict[str, float]:
+    """The validation scores of ``pred``; ``full`` False: without the object scores."""
     objects = data.val_instances if data.instances else None
-    return score_outputs(pred, data.val_y, data.target_kind, data.classes, objects), pred
+    return score_outputs(pred, data.val_y, data.target_kind, data.classes, objects, full)
 
 
 def make_record(

@@ -89,7 +89,7 @@ def test_evaluate_and_predict_choices_come_from_their_owners():
     assert set(evaluate["kind"].type.choices) < set(OUTPUTS)
     predict = _params("predict")
     assert list(predict["output"].type.choices) == list(OUTPUTS)
-    assert predict["threshold"].default == THRESHOLD
+    assert predict["threshold"].default is None and str(THRESHOLD) in predict["threshold"].help
     assert list(_params("synth")["kind"].type.choices) == list(KINDS)
 
 

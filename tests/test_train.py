@@ -378,3 +378,22 @@ def test_resume_restores_the_python_numpy_and_torch_generators(pair, tmp_path, m
         assert numpy_[0] == numpy_[1], f"numpy differs at step {step}"
         assert python_[0] == python_[1], f"python random differs at step {step}"
         assert torch_[0] == torch_[1], f"torch differs at step {step}"
+
+
+def test_object_scores_only_where_they_are_used(pair, tmp_path):
+    """The ISBI sweep and the watersheds run at improving and final evaluations (best.pt and
+    the last record carry them); other evaluations log the cheap scores only."""
+    from cellp2p.scoring import is_improvement
+
+    cfg = TrainConfig(volume=str(pair[0]), labels=str(pair[1]), max_steps=8, eval_every=1)
+    cfg.crop, cfg.batch_size, cfg.device, cfg.quiet, cfg.lr = 32, 2, "cpu", True, 0.05
+    train(cfg, tmp_path / "run")
+    records = [json.loads(s) for s in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    best = None
+    for i, r in enumerate(records):
+        improved = is_improvement("pixel_error", r["val_pixel_error"], best)
+        best = r["val_pixel_error"] if improved else best
+        assert ("val_v_rand" in r) == (improved or i == len(records) - 1), (i, r)
+        assert "val_pixel_error" in r and "val_dice_1" in r
+    assert any("val_v_rand" not in r for r in records)  # the lr makes some evaluation worse
+    assert "val_v_rand" in load_checkpoint(tmp_path / "run")["record"]  # best.pt's

@@ -111,7 +111,7 @@ def run_state(run_dir: Path, cfg: Any) -> str:
     last = run_dir / "checkpoints" / "last.pt"
     if not last.is_file():
         return "new"
-    ckpt = load_checkpoint(last)
+    ckpt = load_checkpoint(last, mmap=True)  # options and step only: no weights read
     saved, wanted = ckpt.get("train_config", {}), asdict(cfg)
     diff = [k for k in wanted if k not in _RUNTIME_KEYS and saved.get(k) != wanted[k]]
     if diff:

@@ -262,7 +262,8 @@ def _channels(shape: Sequence[int]) -> int:
 def check_data(sources: Sources, runs: Sequence[str | Path], predictors: Sequence[Any]) -> int:
     """The number of slices, once the pair and every run's input channels are checked."""
     vpath, lpath = sources.volume, sources.labels
-    with io.open_stack(vpath) as vr, io.open_stack(lpath) as lr:
+    level = sources.level
+    with io.open_stack(vpath, level) as vr, io.open_stack(lpath, level) as lr:
         n = len(vr)
         checks.check_pair(vr.shape, lr.shape, vpath, lpath)
         vshape, lshape = tuple(vr.shape), tuple(lr.shape)
@@ -290,7 +291,7 @@ def load_segmenter(segmenter: str | Path, device: str, sources: Sources) -> Any:
             f"{segmenter}: --segmenter must be a segmentation run trained on real images "
             "(task segment, direction AtoB)"
         )
-    with io.open_stack(sources.volume) as reader:
+    with io.open_stack(sources.volume, sources.level) as reader:
         nchan = _channels(reader.shape)
     if seg.in_channels != nchan:
         raise CellP2PError(
@@ -332,8 +333,8 @@ def held_out_slices(
 
 def read_held_out(sources: Sources, ids: Sequence[int]) -> tuple[np.ndarray, np.ndarray]:
     """The held-out slices of volume and labels, checked finite."""
-    vol = io.read_stack(sources.volume, list(ids)).data
-    lab = io.read_stack(sources.labels, list(ids)).data
+    vol = io.read_stack(sources.volume, list(ids), sources.level).data
+    lab = io.read_stack(sources.labels, list(ids), sources.level).data
     checks.check_finite(vol, sources.volume)
     checks.check_finite(lab, sources.labels)
     return vol, lab

@@ -8,7 +8,7 @@ compared on the slices it validated on.
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -38,6 +38,7 @@ class Sources:
     labels: Path
     manifest: str | None = None
     split: Split = field(default_factory=Split)
+    level: int = 0  # the pyramid level of store inputs (``--level``)
 
     def describe(self) -> dict[str, str]:
         """The data as a report names it: manifest (if any), volume and labels paths."""
@@ -114,14 +115,16 @@ def split_slices(
 
 
 def recorded_sources(cfg: Mapping[str, Any], missing: str = NO_DATA) -> Sources:
-    """The data a run's recorded training config (a checkpoint's ``train_config``) names."""
-    return resolve_sources(
+    """The data a run's recorded training config (a checkpoint's ``train_config``) names, at
+    the pyramid level it trained on."""
+    src = resolve_sources(
         cfg.get("volume"),
         cfg.get("labels"),
         cfg.get("manifest"),
         cfg.get("data_dir"),
         missing=missing,
     )
+    return replace(src, level=int(cfg.get("level") or 0))
 
 
 def recorded_val_slices(cfg: Mapping[str, Any], n: int) -> list[int] | None:

@@ -163,6 +163,13 @@ def test_level_trains_on_a_pyramid_level(tmp_path, check_cli_error):
     result = CliRunner().invoke(main, ["info", str(zv), "--level", "1"])
     assert result.exit_code == 0 and "4 x 32 x 32" in result.output, result.output
     check_cli_error(CliRunner().invoke(main, ["info", str(tif), "--level", "1"]), tif)
+    # compare scores a run on the level it trained on (its recorded config)
+    from cellp2p.compare import read_held_out
+    from cellp2p.sources import recorded_sources
+
+    src = recorded_sources({"volume": str(zv), "labels": str(zl), "level": 1})
+    vol, lab = read_held_out(src, [3])
+    assert src.level == 1 and vol.shape == lab.shape == (1, 32, 32)
 
 
 def test_nan_in_a_store_refused_in_one_line(tmp_path, check_cli_error):

@@ -506,20 +506,14 @@ def worker_process(cfg: dict[str, Any]) -> dict[str, Any]:
         return row
 
 
-def reference_train(spec: dict[str, Any]) -> None:
-    """A plain pix2pix training script: tifffile, numpy crops/flips, the textbook step."""
+def reference_pairs(vol: Any, tgt: Any, n_train: int, steps: int) -> Any:
+    """The plain script's data: ``steps`` random SIZE² crops of the first ``n_train`` slices,
+    flipped at random, as (1, 1, SIZE, SIZE) tensors (input, target)."""
     import numpy as np
-    import tifffile
     import torch
 
-    vol = tifffile.imread(spec["volume"]).astype(np.float32) / 255
-    tgt = tifffile.imread(spec["target"]).astype(np.float32) / 255
-    n_train = len(vol) - max(1, len(vol) // 5)
-    ref = Reference(spec["preset"])
     rng = np.random.default_rng(0)
-    stamps = []
-    t_loop = time.perf_counter()
-    for _ in range(2 * spec["every"]):
+    for _ in range(steps):
         i = rng.integers(n_train)
         r, c = (rng.integers(s - SIZE + 1) for s in vol.shape[1:])
         a, b = vol[i, r : r + SIZE, c : c + SIZE], tgt[i, r : r + SIZE, c : c + SIZE]
@@ -527,8 +521,21 @@ def reference_train(spec: dict[str, Any]) -> None:
             a, b = a[::-1], b[::-1]
         if rng.random() < 0.5:
             a, b = a[:, ::-1], b[:, ::-1]
-        x = torch.from_numpy(a.copy())[None, None]
-        y = torch.from_numpy(b.copy())[None, None]
+        yield torch.from_numpy(a.copy())[None, None], torch.from_numpy(b.copy())[None, None]
+
+
+def reference_train(spec: dict[str, Any]) -> None:
+    """A plain pix2pix training script: tifffile, numpy crops/flips, the textbook step."""
+    import numpy as np
+    import tifffile
+
+    vol = tifffile.imread(spec["volume"]).astype(np.float32) / 255
+    tgt = tifffile.imread(spec["target"]).astype(np.float32) / 255
+    n_train = len(vol) - max(1, len(vol) // 5)
+    ref = Reference(spec["preset"])
+    stamps = []
+    t_loop = time.perf_counter()
+    for x, y in reference_pairs(vol, tgt, n_train, 2 * spec["every"]):
         ref.step(x, y)
         stamps.append(time.perf_counter())
     e = spec["every"]

@@ -39,6 +39,7 @@ from bench_perf import (  # noqa: E402 - benchmarks/ on the path first
     machine,
     make_pair_stacks,
     median,
+    reference_pairs,
     reference_predict,
     run_child,
 )
@@ -68,16 +69,8 @@ def reference_train(spec: dict[str, Any]) -> None:
     tgt = tifffile.imread(spec["target"]).astype(np.float32) / 255
     n_train = len(vol) - max(1, len(vol) // 5)
     ref = Reference(spec["preset"])
-    rng = np.random.default_rng(0)
-    for _ in range(STEPS):
-        i = rng.integers(n_train)
-        r, c = (rng.integers(s - SIZE + 1) for s in vol.shape[1:])
-        a, b = vol[i, r : r + SIZE, c : c + SIZE], tgt[i, r : r + SIZE, c : c + SIZE]
-        if rng.random() < 0.5:
-            a, b = a[::-1], b[::-1]
-        if rng.random() < 0.5:
-            a, b = a[:, ::-1], b[:, ::-1]
-        ref.step(torch.from_numpy(a.copy())[None, None], torch.from_numpy(b.copy())[None, None])
+    for x, y in reference_pairs(vol, tgt, n_train, STEPS):
+        ref.step(x, y)
     ref.G.eval()
     with torch.inference_mode():
         x = torch.from_numpy(vol[n_train:])[:, None] * 2 - 1

@@ -33,6 +33,7 @@ from torch import nn
 
 from cellp2p.errors import CellP2PError
 from cellp2p.models import model_from_config
+from cellp2p.models.blocks import weights_to_come
 from cellp2p.modes import make_schedulers
 from cellp2p.rundir import best_checkpoint, last_checkpoint
 
@@ -360,7 +361,7 @@ def build_from_entry(entry: dict[str, Any], path: str | Path = "checkpoint") -> 
             raise ValueError(
                 f"depth {levels[0]} x n_convs {levels[1]} layers but only {len(state)} tensors"
             )
-        with torch.device("meta"):
+        with torch.device("meta"), weights_to_come():
             skeleton = model_from_config(entry["kind"], entry["config"])
         expected = {k: tuple(v.shape) for k, v in skeleton.state_dict().items()}
         stored = {k: tuple(v.shape) for k, v in state.items()}
@@ -369,7 +370,8 @@ def build_from_entry(entry: dict[str, Any], path: str | Path = "checkpoint") -> 
                 k for k in expected if expected[k] != stored[k]
             ]
             raise RuntimeError(f"weights do not fit the recorded config (first: {diff[0]})")
-        model = model_from_config(entry["kind"], entry["config"])
+        with weights_to_come():
+            model = model_from_config(entry["kind"], entry["config"])
         model.load_state_dict(state)
     except (KeyError, TypeError, RuntimeError, ValueError, AttributeError, CellP2PError) as err:
         first = str(err).splitlines()[0] if str(err) else type(err).__name__

@@ -220,3 +220,21 @@ def test_init_weights_and_presets() -> None:
     assert isinstance(build_model("generator", "course", 3, 3), Generator)
     assert isinstance(build_model("discriminator", "course", 6), Discriminator)
     assert build_model("generator", "course").config.final_activation == "sigmoid"
+
+
+def test_networks_built_for_stored_weights_skip_the_random_init():
+    from cellp2p.models import build_model
+    from cellp2p.models.blocks import weights_to_come
+
+    torch.manual_seed(0)
+    with weights_to_come():
+        a = build_model("unet", "small")
+    torch.manual_seed(0)
+    b = build_model("unet", "small")
+    conv = next(m for m in b.modules() if isinstance(m, torch.nn.Conv2d))
+    assert conv.weight.std() < 0.05  # N(0, 0.02): initialised outside
+    with weights_to_come(), torch.device("meta"):
+        assert next(build_model("generator", "paper").parameters()).is_meta  # no init on meta
+    a.load_state_dict(b.state_dict())
+    sa, sb = a.state_dict(), b.state_dict()
+    assert all(torch.equal(sa[k], sb[k]) for k in sb)

@@ -17,6 +17,8 @@ convolution / normalisation / activation / resampling logic exists exactly once:
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
 from typing import Any
 
 import torch
@@ -382,8 +384,26 @@ class FeatureMapBlock(nn.Module):
         return layer_output_size(self.body, size)
 
 
+_SKIP_INIT = [False]
+
+
+@contextlib.contextmanager
+def weights_to_come() -> Iterator[None]:
+    """Networks built inside are not initialised (:func:`init_weights` does nothing): for
+    weights loaded right after, or shapes on the ``meta`` device (whose random init would
+    import torch's reference kernels, 2.3 s). A paper generator builds in 0.02 s, not 0.6 s."""
+    before, _SKIP_INIT[0] = _SKIP_INIT[0], True
+    try:
+        yield
+    finally:
+        _SKIP_INIT[0] = before
+
+
 def init_weights(model: nn.Module, std: float = 0.02) -> nn.Module:
-    """pix2pix init: conv weights N(0, std), norm weights N(1, std), all biases 0."""
+    """pix2pix init: conv weights N(0, std), norm weights N(1, std), all biases 0 (nothing
+    inside :func:`weights_to_come`)."""
+    if _SKIP_INIT[0]:
+        return model
     for m in model.modules():
         if isinstance(m, (nn.Conv2d, nn.ConvTranspose2d)):
             nn.init.normal_(m.weight, 0.0, std)

@@ -30,7 +30,7 @@ from typing import Any
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
-from bench_perf import (  # noqa: E402 - benchmarks/ on the path first
+from bench_perf import (  # noqa: E402
     INFER_SIZE,
     INFER_SLICES,
     SIZE,
@@ -43,6 +43,7 @@ from bench_perf import (  # noqa: E402 - benchmarks/ on the path first
     reference_predict,
     run_child,
 )
+from bench_predict import make_stack  # noqa: E402 - benchmarks/ on the path first
 
 STEPS = 30
 
@@ -93,16 +94,6 @@ def predict_command(variant: str, stack: Path, model: Path, out: Path) -> list[s
     return [py, "-m", "cellp2p", *args, "--device", "cpu"]
 
 
-def make_stack(path: Path) -> Path:
-    """A 30 × 512² uint8 stack of noise (what is predicted does not change the time)."""
-    import numpy as np
-    import tifffile
-
-    rng = np.random.default_rng(1)
-    tifffile.imwrite(path, rng.integers(0, 256, (INFER_SLICES, INFER_SIZE, INFER_SIZE), np.uint8))
-    return path
-
-
 def timed(cmd: list[str]) -> dict[str, Any]:
     """One process: wall seconds, peak RSS, the load averages before and after."""
     load0 = load1()
@@ -136,7 +127,7 @@ def run_all(preset: str, rounds: int, tmp: Path) -> dict[str, Any]:
         },
         rounds,
     )
-    stack = make_stack(tmp / "stack.tif")
+    stack = make_stack(tmp / "stack.tif", INFER_SLICES, INFER_SIZE)
     models = {
         "cellp2p": tmp / f"cellp2p-{rounds - 1}",
         "reference": tmp / f"reference-{rounds - 1}" / "net_generator.pt",

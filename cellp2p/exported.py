@@ -24,6 +24,7 @@ import torch
 from torch import nn
 
 from cellp2p.errors import CellP2PError
+from cellp2p.models.unet import too_small
 from cellp2p.predictor import Predictor
 
 RDF_NAMES = ("rdf.yaml", "bioimageio.yaml")
@@ -276,10 +277,7 @@ class ValidExportedModule(ExportedModule):
         """Output size of one spatial dim for a valid ``input_size``."""
         out = input_size + int(self.meta["geometry"]["offset"])
         if out <= 0:
-            raise CellP2PError(
-                f"input size {input_size} is too small for this U-Net; "
-                f"the nearest valid size is {self.valid_input_size(input_size)}"
-            )
+            raise too_small(input_size, self.valid_input_size(input_size))
         return out
 
     def valid_input_size(self, size: int) -> int:

@@ -31,6 +31,13 @@ from cellp2p.models.blocks import (
 from cellp2p.models.config import UNetConfig
 
 
+def too_small(input_size: int, nearest: int) -> CellP2PError:
+    """The error for an input a valid-convolution U-Net (or its export) cannot take."""
+    return CellP2PError(
+        f"input size {input_size} is too small for this U-Net; the nearest valid size is {nearest}"
+    )
+
+
 class UNet(nn.Module):
     """Configurable U-Net returning raw logits (no final activation)."""
 
@@ -152,10 +159,7 @@ class UNet(nn.Module):
         """Output size of one spatial dim for ``input_size`` (identity for same padding)."""
         out, _ = self._trace(input_size)
         if out <= 0:
-            raise CellP2PError(
-                f"input size {input_size} is too small for this U-Net; "
-                f"the nearest valid size is {self.valid_input_size(input_size)}"
-            )
+            raise too_small(input_size, self.valid_input_size(input_size))
         return out
 
     def valid_input_size(self, size: int) -> int:

@@ -71,7 +71,11 @@ class LabelScan:
     positive: int = 0  # pixels > 0
 
     def looks_like_ids(self, max_classes: int) -> bool:
-        """:func:`cellp2p.instances.looks_like_ids`'s rule, on the scanned counts."""
+        """Instance ids rather than classes (``--labels-mode auto``): more than ``max_classes``
+        values are ids; otherwise ids when, in each slice, (nearly) every non-zero value is one
+        8-connected region (at most ``_IDS_TOL`` of the (slice, value) pairs in pieces). A class
+        map repeats its values over many separate regions (0/128/255 border/interior maps do),
+        so it stays classes."""
         if self.values.size <= 2:
             return False
         if self.values.size > max_classes:

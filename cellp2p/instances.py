@@ -115,29 +115,14 @@ def looks_dense(labels: np.ndarray) -> bool:
     return label_kind(a) == "binary" and a.size > 0 and float(np.mean(a > 0)) >= 0.5
 
 
-def looks_like_ids(labels: np.ndarray, max_classes: int = 16, tol: float = 0.05) -> bool:
-    """Whether a label image of more than two values holds instance ids rather than classes.
+def looks_like_ids(labels: np.ndarray, max_classes: int = 16) -> bool:
+    """Whether a label image of more than two values holds instance ids rather than classes:
+    :meth:`cellp2p.crops.LabelScan.looks_like_ids` (the one rule) on an array in memory."""
+    from cellp2p.crops import scan_labels
 
-    Rule (``--labels-mode auto``): more than ``max_classes`` values are ids; otherwise ids
-    when, in each slice, (nearly) every non-zero value is one 8-connected region (at most
-    ``tol`` of the (slice, value) pairs in pieces). A class map repeats its values over many
-    separate regions (0/128/255 border/interior maps do), so it stays classes.
-    """
     a = np.asarray(labels)
-    values = np.unique(a)
-    if values.size <= 2:
-        return False
-    if values.size > max_classes:
-        return True
-    eight = np.ones((3, 3), dtype=bool)
-    pairs = pieces = 0
-    for s in a.reshape(-1, *a.shape[-2:]):
-        for v in np.unique(s):
-            if v == 0:
-                continue
-            pairs += 1
-            pieces += ndi.label(s == v, structure=eight)[1] > 1
-    return pairs > 0 and pieces <= tol * pairs
+    a = a.reshape(-1, *a.shape[-2:])
+    return scan_labels(a, "labels", max_classes).looks_like_ids(max_classes)
 
 
 def instance_target(

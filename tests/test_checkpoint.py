@@ -175,3 +175,16 @@ def test_an_old_full_best_pt_still_loads(run, tmp_path):
         main, ["export", str(run), "--format", "torchscript", "-o", str(tmp_path / "g.pt")]
     )
     assert result.exit_code == 0, result.output
+
+
+def test_checkpoints_are_written_without_crc32_and_load_exactly(tmp_path):
+    from torch.utils.serialization import config
+
+    weights = {"w": torch.randn(64, 64)}
+    path = save_checkpoint(tmp_path / "w.pt", {"models": weights})
+    assert config.save.compute_crc32  # the option is torch's default again after the write
+    assert torch.equal(load_checkpoint(path)["models"]["w"], weights["w"])
+    truncated = tmp_path / "cut.pt"
+    truncated.write_bytes(path.read_bytes()[:-200])
+    with pytest.raises(CellP2PError, match=r"cut\.pt"):
+        load_checkpoint(truncated)

@@ -14,7 +14,6 @@ from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import numpy as np
-from scipy import ndimage as ndi
 
 from cellp2p.errors import CellP2PError
 from cellp2p.metrics import (  # noqa: F401 - re-exported: the instance scores live in metrics
@@ -43,7 +42,7 @@ DENSE_GRID: dict[str, tuple] = {
     "h": (0.0, 4.0, 8.0),
     "min_size": (25, 0, 100),
 }
-_FOUR = ndi.generate_binary_structure(2, 1)
+_FOUR = np.array([[0, 1, 0], [1, 1, 1], [0, 1, 0]], dtype=bool)  # 4-connectivity
 
 
 # -- labels in ----------------------------------------------------------------------------------
@@ -105,6 +104,8 @@ def relabel(labels: np.ndarray) -> np.ndarray:
 
 def objects_from_binary(mask: np.ndarray) -> np.ndarray:
     """Objects of a binary mask (> 0 = cell interior): 4-connected components, per 2D slice."""
+    from scipy import ndimage as ndi  # lazy, as skimage: predict --output prob needs neither
+
     lab = _per_slice(lambda s: ndi.label(s > 0, structure=_FOUR)[0], mask, np.uint32)
     return lab.astype(label_dtype(int(lab.max(initial=0))))
 
@@ -234,6 +235,8 @@ def _two_nearest(lab: np.ndarray, reach: int) -> tuple[np.ndarray, np.ndarray]:
     One EDT per object on its bounding box grown by ``reach`` (exact there; beyond, farther
     than ``reach``): cost sum over objects of (height + 2R)(width + 2R), not objects x pixels.
     """
+    from scipy import ndimage as ndi
+
     d1 = np.full(lab.shape, np.inf, dtype=np.float32)
     d2 = np.full(lab.shape, np.inf, dtype=np.float32)
     for i, box in enumerate(ndi.find_objects(lab), start=1):
@@ -326,6 +329,7 @@ def _distance_seeds(
     peak_local_max; 0: no such filter). A component of the region left without a seed
     (lower than h) is a seed itself, and with ``h`` = 0 every component is one seed.
     """
+    from scipy import ndimage as ndi
     from skimage.feature import peak_local_max
     from skimage.morphology import h_maxima
 
@@ -362,6 +366,7 @@ def _flood(
     ``params``: (threshold, min_distance, h); ``cache``: one dict per slice, reused across
     calls that share the threshold (the tuning grid).
     """
+    from scipy import ndimage as ndi
     from skimage.segmentation import watershed
 
     threshold, min_distance, h = params

@@ -13,9 +13,6 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
-from scipy.optimize import linear_sum_assignment
-from skimage.measure import label as _cc_label
-from skimage.segmentation import watershed
 
 from cellp2p.errors import CellP2PError
 
@@ -196,7 +193,9 @@ def rand_info_scores(proposal: np.ndarray, gt: np.ndarray) -> dict[str, float]:
 
 def segments_from_binary(mask: np.ndarray) -> np.ndarray:
     """Label the cell interiors (mask > 0) as 4-connected components, as the challenge does."""
-    return _cc_label(np.asarray(mask) > 0, connectivity=1).astype(np.int32)
+    from skimage.measure import label  # lazy: predict imports the metrics, not skimage
+
+    return label(np.asarray(mask) > 0, connectivity=1).astype(np.int32)
 
 
 def thin_boundaries(labels: np.ndarray) -> np.ndarray:
@@ -218,6 +217,8 @@ def thin_boundaries(labels: np.ndarray) -> np.ndarray:
     # A flat image: skimage floods equal values first-in-first-out, i.e. by 4-connected distance
     # from the segments, which is how a classic watershed floods the binary plateau.
     flat = np.zeros(lab.shape, dtype=np.uint8)
+    from skimage.segmentation import watershed
+
     return watershed(flat, markers=lab, connectivity=1, watershed_line=True).astype(np.int32)
 
 
@@ -390,6 +391,8 @@ def _match(table: tuple[np.ndarray, ...], thr: float) -> Matching:
     sub[r, c] = iou[ok]
     # One match outweighs any IoU sum (< 1/2): cellpose's cost, as cellp2p.metrics uses.
     cost = -(sub >= thr).astype(np.float64) - sub / (2.0 * max(min(n_pred, n_gt), 1))
+    from scipy.optimize import linear_sum_assignment
+
     ri, ci = linear_sum_assignment(cost)
     hit = sub[ri, ci] >= thr
     pairs = tuple(

@@ -237,12 +237,12 @@ def project_mode(preset: str) -> Any:
 class Reference:
     """The textbook pix2pix step, plain PyTorch, same networks and optimizer."""
 
-    def __init__(self, preset: str, *, channels_last: bool = False, **adam: Any):
+    def __init__(self, preset: str, *, channels_last: bool = False, seed: int = 0, **adam: Any):
         import torch
 
         from cellp2p.models import build_model
 
-        torch.manual_seed(0)
+        torch.manual_seed(seed)
         self.G = build_model("generator", preset, 1, 1)
         self.D = build_model("discriminator", preset, 2, 1)
         self.channels_last = channels_last

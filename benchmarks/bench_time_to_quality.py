@@ -25,6 +25,9 @@ Options: ``--case unet|pix2pix|all``, ``--every K`` (default 100), ``--max-steps
 the case's, unet 1200, pix2pix 3000; also cellp2p's schedule length), ``--max-seconds`` (per
 process, checked at evaluations; default 3600), ``--threads N`` (OMP/MKL threads of every child),
 ``--rounds R`` (each contestant R times, the order reversed every other round),
+``--seed S`` (every contestant's seed, default 0), ``--threshold T`` (the case's otherwise; 0
+runs every contestant to ``--max-steps``: equal-work curves), ``--cellp2p-arg=ARG`` (repeatable:
+one more ``cellp2p train`` argument, e.g. ``--cellp2p-arg=--lr-decay-start --cellp2p-arg=1.0``),
 ``--monai-features``, ``--json FILE``, ``--quick`` (6 synthetic EM slices of 128²
 (``cellp2p.synth.make_em``), 64² crops, 2 steps, K = 1, threshold 0.3, ``small`` presets).
 Without the ISBI stacks the script says so and exits 0 (``--quick`` needs none).
@@ -126,7 +129,7 @@ class PlainUNet:
         import torch
         from monai.networks.nets import BasicUNet
 
-        torch.manual_seed(0)
+        torch.manual_seed(spec["seed"])
         self.net = BasicUNet(
             spatial_dims=2, in_channels=1, out_channels=1, features=tuple(spec["features"])
         )
@@ -149,7 +152,7 @@ class PlainPix2Pix:
     """bench_perf's textbook pix2pix step; G's output (tanh) mapped to [0, 1]."""
 
     def __init__(self, spec: dict[str, Any]):
-        self.ref = Reference(spec["preset"])
+        self.ref = Reference(spec["preset"], seed=spec["seed"])
         self.nets = [self.ref.G, self.ref.D]
         self.step = self.ref.step
 
@@ -191,7 +194,7 @@ def plain_train(spec: dict[str, Any]) -> None:
     vol = tifffile.imread(spec["volume"]).astype(np.float32) / 255
     lab = (tifffile.imread(spec["labels"]) > 0).astype(np.float32)
     model = (PlainUNet if spec["case"] == "unet" else PlainPix2Pix)(spec)
-    rng = np.random.default_rng(0)
+    rng = np.random.default_rng(spec["seed"])
     for step in range(1, spec["max_steps"] + 1):
         model.step(*random_crops(rng, vol, lab, spec["train"], spec["batch"], spec["crop"]))
         if step % spec["every"] and step != spec["max_steps"]:
@@ -221,6 +224,7 @@ def cellp2p_command(case: dict[str, Any], data: dict[str, Any], out: Path) -> li
     args += ["--train-slices", data["train"], "--val-slices", data["val"]]
     args += ["--batch-size", str(case["batch"]), "--crop", str(case["crop"])]
     args += ["--max-steps", str(case["max_steps"]), "--eval-every", str(case["every"])]
+    args += ["--seed", str(case["seed"]), *case["cellp2p_args"]]
     return [sys.executable, "-c", CLI_PATCH, *args, "--device", "cpu", "--out", str(out), "--quiet"]
 
 
@@ -378,12 +382,15 @@ def cases(args: argparse.Namespace) -> list[dict[str, Any]]:
     names = list(CASES) if args.case == "all" else [args.case]
     out = []
     for name in names:
-        case = {**CASES[name], "name": name, "every": args.every}
+        case = {**CASES[name], "name": name, "every": args.every, "seed": args.seed}
+        case["cellp2p_args"] = args.cellp2p_args
         if args.quick:
             case.update({k: QUICK[k] for k in ("crop", "threshold", "max_steps", "every")})
             case["preset"] = "small"  # pix2pix too: paper's 686 MB checkpoints take seconds
         if args.max_steps:
             case["max_steps"] = args.max_steps
+        if args.threshold is not None:
+            case["threshold"] = args.threshold
         out.append(case)
     return out
 
@@ -448,6 +455,18 @@ def parse_args() -> argparse.Namespace:
     ap.add_argument("--max-seconds", type=float, default=3600.0, help="Wall budget a process.")
     ap.add_argument("--threads", type=int, help="torch threads of every child [torch's].")
     ap.add_argument("--rounds", type=int, default=1, help="Runs of each contestant (A B, B A…).")
+    ap.add_argument("--seed", type=int, default=0, help="Seed of every contestant [0].")
+    ap.add_argument(
+        "--threshold", type=float, help="Pixel error to reach [the case's; 0: run every step]."
+    )
+    ap.add_argument(
+        "--cellp2p-arg",
+        dest="cellp2p_args",
+        action="append",
+        default=[],
+        help="One more `cellp2p train` argument (repeat: --cellp2p-arg=--lr-decay-start "
+        "--cellp2p-arg=1.0).",
+    )
     ap.add_argument(
         "--monai-features",
         dest="features",

@@ -298,6 +298,7 @@ def predict_ab(
     *,
     out: str | Path | None = None,
     device: str = "auto",
+    precision: str = "auto",
     force: bool = False,
     tta: bool = False,
     test_time_dropout: bool = False,
@@ -315,7 +316,9 @@ def predict_ab(
     for src in map(Path, inputs):
         files = list_ab(src, "predict --ab")
         jobs.append((src, files, ab_output_paths(files, src, out)))
-    predictor = load_predictor(model, device, tta=tta, test_time_dropout=test_time_dropout)
+    predictor = load_predictor(
+        model, device, tta=tta, test_time_dropout=test_time_dropout, precision=precision
+    )
     if predictor.task != "translate":
         raise CellP2PError(f"{model}: a segmentation run; --ab predicts with translation runs")
     direction = (predictor.train_config or {}).get("direction", "AtoB")

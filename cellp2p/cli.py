@@ -439,6 +439,7 @@ def _predict_options() -> list[click.Parameter]:
         ),
         click.Option(["--tile"], type=int, help=tile_help),
         table_option("device"),
+        table_option("precision"),
     ]
 
 

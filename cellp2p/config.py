@@ -294,7 +294,12 @@ class TrainConfig:
     device: str = _opt(
         "auto", "run", f"{', '.join(DEVICES[:-1])} or {DEVICES[-1]} (cuda:N for one GPU)."
     )
-    precision: str = _opt("auto", "run", "auto: bf16 on CUDA, fp32 on CPU.", choices=PRECISIONS)
+    precision: str = _opt(
+        "auto",
+        "run",
+        "auto: bf16 where the device has bf16 matrix units (CUDA GPUs, CPUs with AMX), else fp32.",
+        choices=PRECISIONS,
+    )
     deterministic: bool = _opt(False, "run", "Deterministic kernels where possible.")
     num_workers: int = _opt(0, "run", "Data-loading worker processes.", bound=WORKERS)
     quiet: bool = _opt(False, "run", "Plain log lines instead of progress bars.")

@@ -79,6 +79,7 @@ def predict_stack(
     tta: bool = False,
     batch_size: int = 4,
     device: str = "auto",
+    precision: str = "auto",
     force: bool = False,
     quiet: bool = False,
     test_time_dropout: bool = False,
@@ -104,7 +105,9 @@ def predict_stack(
     jobs = plan_jobs(inputs, slices, level)
     world = distributed.setup(device)  # under torchrun: joins the group, on cuda:LOCAL_RANK
     device = str(world.device) if world.size > 1 else device
-    predictor = load_predictor(model, device, tta=tta, test_time_dropout=test_time_dropout)
+    predictor = load_predictor(
+        model, device, tta=tta, test_time_dropout=test_time_dropout, precision=precision
+    )
     kind = predictor.resolve_output(output)
     check_jobs(jobs, predictor, out, force, resume=resume, level=level, kind=kind, world=world)
     for job in (j for j in jobs if j.skip and world.is_main):  # said even with --quiet

@@ -42,12 +42,24 @@ def select_device(name: str = "auto") -> torch.device:
     return torch.device(name)
 
 
+def native_bf16(device: torch.device) -> bool:
+    """Whether ``device`` multiplies bf16 matrices in hardware: CUDA GPUs (tensor cores), and
+    CPUs with Intel AMX tiles (Xeon 4th generation, Sapphire Rapids, and later), where oneDNN
+    runs bf16 convolutions 2–2.8x faster than fp32 (benchmarks/RESULTS.md). Other CPUs
+    emulate bf16, which is slower than fp32."""
+    if device.type == "cuda":
+        return True
+    probe = getattr(torch.cpu, "_is_amx_tile_supported", None)  # torch >= 2.3
+    return device.type == "cpu" and probe is not None and bool(probe())
+
+
 def resolve_precision(precision: str, device: torch.device) -> str:
-    """``auto`` is bf16 on CUDA (tensor cores, no loss scaling needed) and fp32 elsewhere."""
+    """``auto`` is bf16 where the device computes it natively (:func:`native_bf16`; bf16 keeps
+    fp32's range, so no loss scaling is needed), fp32 elsewhere."""
     if precision not in PRECISIONS:
         raise CellP2PError(f"--precision {precision!r} unknown; use one of {', '.join(PRECISIONS)}")
     if precision == "auto":
-        return "bf16" if device.type == "cuda" else "fp32"
+        return "bf16" if native_bf16(device) else "fp32"
     return precision
 
 

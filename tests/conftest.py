@@ -152,7 +152,7 @@ def _train(factory: pytest.TempPathFactory, pair: Pair, name: str, **options: An
         labels=str(pair.labels_path),
         quiet=True,
         device="cpu",
-        **options,
+        **{"precision": "fp32", **options},  # exact comparisons (bf16: test_predict)
     )
     out = factory.mktemp("runs") / name
     with one_thread():

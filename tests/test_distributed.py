@@ -50,6 +50,7 @@ def _unet_config(vol: Path, lab: Path, batch_size: int) -> TrainConfig:
         eval_every=2,
         seed=3,
         device="cpu",
+        precision="fp32",  # bf16 rounds a batch of 2 × b otherwise than two of b
         quiet=True,
         model_overrides={"norm": "none"},
     )

@@ -65,6 +65,10 @@ def smallest_size(mode: str, preset: str) -> int:
     return max(64, net.valid_input_size(1))
 
 
+# Exact agreement is asked of fp32; bf16 (auto on CPUs with AMX) is compared in test_predict.
+_FP32_CPU = ("--device", "cpu", "--precision", "fp32")
+
+
 def _cli(*args: object) -> str:
     result = CliRunner().invoke(main, [str(a) for a in args])
     assert result.exit_code == 0, f"{args[0]} failed:\n{result.output}\n{result.exception!r}"
@@ -94,9 +98,10 @@ def test_train_predict_evaluate_agree(work, request, mode, preset, options, stra
         *("--mode", mode, "--preset", preset, "--volume", vpath, "--labels", lpath),
         *("--out", run, "--train-slices", 0, "--val-slices", VAL, "--eval-every", steps),
         *(x for kv in defaults.items() for x in kv),
-        *("--device", "cpu", "--quiet"),
+        *_FP32_CPU,
+        "--quiet",
     )
-    _cli("predict", vpath, "-m", run, "--slices", VAL, "-o", pred_path, "--device", "cpu")
+    _cli("predict", vpath, "-m", run, "--slices", VAL, "-o", pred_path, *_FP32_CPU)
     _cli("evaluate", pred_path, "--labels", lpath, "--slices", VAL, "--json", scores_path)
 
     logged = json.loads((run / "metrics.jsonl").read_text().splitlines()[-1])

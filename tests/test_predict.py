@@ -171,12 +171,51 @@ def _check_scores_as_logged(run) -> None:
 
     data = load_data(run.config)
     raw = [run.data.volume[i] for i in data.val_ids]
-    pred = load_predictor(run.out, "cpu").predict_slices(raw)
+    pred = load_predictor(run.out, "cpu", precision="fp32").predict_slices(raw)
     scores = score_outputs(pred, data.val_y, data.target_kind, data.classes)
     logged = {k.removeprefix("val_"): v for k, v in run.record.items() if k.startswith("val_")}
     assert set(scores) == set(logged)
     for key, value in scores.items():
         assert value == pytest.approx(logged[key], abs=1e-6), key
+
+
+@pytest.mark.parametrize("amx", [True, False])
+def test_auto_precision_is_bf16_where_the_device_computes_it(monkeypatch, amx):
+    from cellp2p.runtime import resolve_precision
+
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: amx)
+    assert resolve_precision("auto", torch.device("cpu")) == ("bf16" if amx else "fp32")
+    assert resolve_precision("auto", torch.device("cuda")) == "bf16"
+    assert resolve_precision("fp32", torch.device("cuda")) == "fp32"
+    assert resolve_precision("bf16", torch.device("cpu")) == "bf16"
+
+
+def test_bf16_predictions_score_as_fp32_ones(seg_run, tmp_path):
+    """bf16 (what --precision auto picks on CPUs with AMX) moves probabilities by rounding
+    only: the same masks but for a few pixels at the threshold, the same scores within 1e-2;
+    predict's --precision reaches the network."""
+    from cellp2p.dataset import load_data
+    from cellp2p.scoring import score_outputs
+
+    data = load_data(seg_run.config)
+    raw = [seg_run.data.volume[i] for i in data.val_ids]
+    fp32, bf16 = (
+        load_predictor(seg_run.out, "cpu", precision=prec).predict_slices(raw)
+        for prec in ("fp32", "bf16")
+    )
+    assert np.abs(fp32 - bf16).max() < 0.05
+    assert ((fp32 > 0.5) != (bf16 > 0.5)).mean() < 0.01
+    a, b = (score_outputs(p, data.val_y, data.target_kind, data.classes) for p in (fp32, bf16))
+    assert a["pixel_error"] == pytest.approx(b["pixel_error"], abs=1e-2)
+    stack = write_stack(tmp_path / "val.tif", np.stack(raw))
+    for prec in ("fp32", "bf16"):
+        out = tmp_path / f"{prec}.tif"
+        args = ["predict", str(stack), "-m", str(seg_run.out), "-o", str(out), "--quiet"]
+        result = CliRunner().invoke(main, [*args, "--device", "cpu", "--precision", prec])
+        assert result.exit_code == 0, result.output
+    for prec, want in (("fp32", fp32), ("bf16", bf16)):  # one slice: a 2D TIFF
+        got = tifffile.imread(tmp_path / f"{prec}.tif").reshape(want.shape)
+        np.testing.assert_allclose(got, want, atol=1e-6)
 
 
 # -- tiling ------------------------------------------------------------------------------------

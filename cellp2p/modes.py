@@ -47,9 +47,11 @@ class Mode:
         """One optimisation step on a batch of [0, 1] inputs and targets; the detached losses."""
         raise NotImplementedError
 
-    def predict(self, x: torch.Tensor) -> torch.Tensor:
-        """The main network's output for a [0, 1] input, mapped to [0, 1] (:func:`to_unit`)."""
-        return to_unit(self.main(to_model_range(x)), output_space(self.main), self.kind)
+    def predict(self, x: torch.Tensor, net: nn.Module | None = None) -> torch.Tensor:
+        """The main network's (or ``net``'s) output for a [0, 1] input, mapped to [0, 1]
+        (:func:`to_unit`)."""
+        net = self.main if net is None else net
+        return to_unit(net(to_model_range(x)), output_space(net), self.kind)
 
     @property
     def main(self) -> nn.Module:

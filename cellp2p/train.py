@@ -30,9 +30,12 @@ import torch
 
 from cellp2p import distributed
 from cellp2p.checkpoint import (
+    PREDICTS,
+    build_from_entry,
     check_resumable,
     load_checkpoint,
     restore,
+    save_checkpoint,
     versions,
     write_checkpoints,
 )
@@ -56,6 +59,7 @@ from cellp2p.rundir import (
     RUN_OUTPUTS,
     RunLock,
     append_record,
+    best_checkpoint,
     last_checkpoint,
     sample_path,
     truncate_records,
@@ -84,6 +88,7 @@ class TrainState:
     best: dict[str, Any] | None = None  # {"metric", "value", "step"} of the best evaluation
     records: list[dict[str, Any]] = field(default_factory=list)  # metrics.jsonl so far (rank 0)
     postprocessing: dict[str, Any] | None = None  # the tuned watershed of --output labels
+    best_outputs: np.ndarray | None = None  # best.pt's validation outputs (this process's best)
     best_metric: str = field(init=False)  # --best-metric, or the task's default
     scheds: dict[str, torch.optim.lr_scheduler.LambdaLR] = field(init=False)
 
@@ -328,8 +333,9 @@ def run(
             window.add(train_step(state, x, y))
             bar.update(1)
             interrupted = world.any(sigint.seen)  # one process interrupted: all stop here
-            if state.step % cfg.eval_every == 0 or state.step == end or interrupted:
-                record = _evaluation(state, window, bar, progress)
+            ending = state.step == end or interrupted
+            if state.step % cfg.eval_every == 0 or ending:
+                record = _evaluation(state, window, bar, progress, ending)
                 window = _Window()
             if interrupted:
                 if world.is_main:
@@ -408,7 +414,11 @@ def _progress_bar(state: TrainState, end: int) -> Iterator[Any]:
 
 
 def _evaluation(
-    state: TrainState, window: _Window, bar: Any, progress: Callable[..., Any] | None
+    state: TrainState,
+    window: _Window,
+    bar: Any,
+    progress: Callable[..., Any] | None,
+    ending: bool = False,
 ) -> dict[str, Any]:
     """Rank 0 evaluates and logs while the others wait; the record (empty on other ranks)."""
     world = state.world
@@ -420,7 +430,7 @@ def _evaluation(
         """Rank 0's part: evaluate, then the bar, the --quiet line and ``progress``."""
         if not world.is_main:
             return {}
-        record = evaluate(state, losses, ips)
+        record = evaluate(state, losses, ips, ending)
         bar.set_postfix({k: f"{v:.3g}" for k, v in losses.items()})
         if state.cfg.quiet:
             print(_log_line(record), file=sys.stderr, flush=True)
@@ -431,12 +441,16 @@ def _evaluation(
     return _agreed(world, f"validation and checkpointing at step {state.step}", work)
 
 
-def evaluate(state: TrainState, losses: dict[str, float], images_per_s: float) -> dict[str, Any]:
+def evaluate(
+    state: TrainState, losses: dict[str, float], images_per_s: float, ending: bool = False
+) -> dict[str, Any]:
     """Validate, then write the record, the checkpoints and the figures (rank 0).
 
-    The object scores (:data:`cellp2p.scoring.OBJECT_SCORES`) and the watershed tuning are
-    computed at the evaluations that use them: one that improves (best.pt carries them), the
-    last, and every one when ``--best-metric`` is such a score.
+    The object scores (:data:`cellp2p.scoring.OBJECT_SCORES`) are computed at the evaluations
+    that use them: one that improves (best.pt carries them), the last, and every one when
+    ``--best-metric`` is such a score. The watershed of ``--output labels`` is tuned once, at
+    the evaluation that ends the run (its last step, an interruption, ``stop_after``), on the
+    validation outputs of each checkpoint it goes into (:func:`_tune_best`).
     """
     final = state.step == state.total
     full = final or is_object_score(state.best_metric)
@@ -444,28 +458,54 @@ def evaluate(state: TrainState, losses: dict[str, float], images_per_s: float) -
     improved = _update_best(state, val)
     if improved and not full:
         val = score_validation(pred, state.data, full=True)
+    if improved:
+        state.best_outputs = pred
     record = make_record(state, losses, val, images_per_s)
-    if improved or final:  # issue 15: --output labels, tuned on validation
+    if ending:  # issue 15: --output labels, tuned on validation
         state.postprocessing = tune_run(pred, state.data)
     write_checkpoints(state, record, improved)
+    if ending and not improved:
+        _tune_best(state)
     append_record(state.out, record)  # after the checkpoint: a logged step is always saved
     state.records.append(record)
     save_figures(state, pred)
     return record
 
 
+def _tune_best(state: TrainState) -> None:
+    """best.pt's watershed, tuned on its own validation outputs and written into it (the run's
+    last evaluation did not improve; a best from before a ``--resume`` is run again here)."""
+    path = best_checkpoint(state.out)
+    if state.best is None or not path.is_file():
+        return
+    ckpt = load_checkpoint(path, mmap=True)
+    pred = state.best_outputs
+    if pred is None:
+        net = build_from_entry(ckpt["models"][PREDICTS[state.cfg.mode]], path).to(state.device)
+        pred = validate_run(state.mode, state.data, state.device, full=False, net=net)[1]
+    payload = {k: v for k, v in ckpt.items() if k not in ("format", "version", "path")}
+    save_checkpoint(path, {**payload, "postprocessing": tune_run(pred, state.data)})
+
+
 def validate_run(
-    mode: Mode, data: PairedData, device: torch.device, full: bool = True
+    mode: Mode,
+    data: PairedData,
+    device: torch.device,
+    full: bool = True,
+    net: torch.nn.Module | None = None,
 ) -> tuple[dict, np.ndarray]:
-    """Metrics on whole held-out slices (not crops), and the predictions in [0, 1]."""
+    """Metrics on whole held-out slices (not crops), and the predictions in [0, 1]; ``net``:
+    another network in place of the mode's (best.pt's, of the same kind)."""
     preds = []
+    main = mode.main if net is None else net
     was_training = mode.main.training
-    for m in mode.nets.values():
+    for m in [*mode.nets.values(), main]:
         m.eval()
     with torch.inference_mode():
         for x in data.val_x:
             xt = torch.from_numpy(x[None]).to(device)
-            preds.append(forward_full(mode.predict, mode.main, xt)[0].cpu().numpy())
+            out = forward_full(lambda t: mode.predict(t, main), main, xt)
+            preds.append(out[0].cpu().numpy())
     if was_training:
         for m in mode.nets.values():
             m.train()

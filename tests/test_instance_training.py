@@ -249,3 +249,33 @@ def test_instance_options_are_train_flags_and_refused_with_pix2pix(nuclei_pair):
         )
         assert res.exit_code != 0 and words in res.output, res.output
         assert not (vol.parent / "never").exists()
+
+
+def test_the_watershed_is_tuned_once_at_the_end_for_each_checkpoint(
+    nuclei_pair, tmp_path, monkeypatch
+):
+    """Tuning runs when the run ends, on the outputs of each checkpoint it goes into; a best.pt
+    from before a --resume is run again for it, and tuned as the uninterrupted run tuned it."""
+    import cellp2p.train as T
+
+    tuned: list[np.ndarray] = []
+    real = T.tune_run
+    monkeypatch.setattr(T, "tune_run", lambda pred, data: tuned.append(pred) or real(pred, data))
+    # No norm layers and a vanishing rate: the network does not change, so no evaluation
+    # improves on the first and best.pt stays at step 2 while last.pt moves on.
+    overrides = {"depth": 2, "base": 8, "norm": "none"}
+    cfg = dict(max_steps=6, eval_every=2, lr=1e-12, precision="fp32", model_overrides=overrides)
+    train(_cfg(*nuclei_pair, **cfg), tmp_path / "a")
+    best = load_checkpoint(tmp_path / "a" / "checkpoints" / "best.pt")
+    last = load_checkpoint(tmp_path / "a" / "checkpoints" / "last.pt")
+    assert (best["step"], last["step"]) == (2, 6)
+    assert len(tuned) == 2  # at step 6: last.pt's outputs, then best.pt's (kept from step 2)
+    assert best["postprocessing"]["method"] in ("watershed", "components")
+    assert best["postprocessing"] == last["postprocessing"]  # the same network
+    tuned.clear()
+    train(_cfg(*nuclei_pair, **cfg), tmp_path / "b", stop_after=4)
+    assert len(tuned) == 2  # the run ends at step 4 (as an interruption would)
+    train(_cfg(*nuclei_pair, **cfg), tmp_path / "b", resume=True)
+    resumed = load_checkpoint(tmp_path / "b" / "checkpoints" / "best.pt")
+    assert resumed["step"] == 2 and resumed["postprocessing"] == best["postprocessing"]
+    assert len(tuned) == 4

@@ -1,5 +1,5 @@
 """What one training evaluation costs on ISBI 2012 (issue 19): the validation pass with and
-without the object scores, and the watershed tuning of improving evaluations.
+without the object scores, and the watershed tuning (once, when the run ends).
 
     python benchmarks/bench_validation.py [--preset small] [--threads 1] [--reps 3] [--json F]
 
@@ -7,7 +7,8 @@ A fresh network of ``--preset`` (U-Net) on ISBI 2012 slices 25-29 (5 x 512², tr
 ``cellp2p train`` validates: ``validate_run(full=False)`` (pixel error and Dice only: every
 evaluation that does not improve), ``validate_run(full=True)`` (plus the ISBI V sweep, the
 watershed AP and the dense Rand error: improving and final evaluations) and ``tune_run``
-(the watershed tuning stored in best.pt). Medians of ``--reps``.
+(the watershed tuning stored in the checkpoints, done when the run ends: once for last.pt and,
+if an earlier evaluation was the best, once for best.pt). Medians of ``--reps``.
 """
 
 from __future__ import annotations
@@ -64,7 +65,7 @@ def main() -> None:
     print("| evaluation | seconds (median) |\n|---|---:|")
     print(f"| not improving: pixel error, Dice | {med['cheap']:.2f} |")
     print(f"| improving or final: + V sweep, AP, dense Rand error | {med['full']:.2f} |")
-    print(f"| + watershed tuning (improving, final) | {med['tune']:.2f} |")
+    print(f"| + watershed tuning (when the run ends, per checkpoint) | {med['tune']:.2f} |")
     if args.json:
         args.json.write_text(json.dumps({"seconds": times, "median": med}, indent=2) + "\n")
 

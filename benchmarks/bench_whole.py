@@ -12,8 +12,10 @@ networks and Adam), one validation pass over the held-out slice, then ``torch.sa
 generator and of the discriminator (what the pix2pix reference code saves).
 ``predict``: ``cellp2p predict`` of a 30 × 512² uint8 stack with the trained generator,
 ``--output prob``, against the plain loop of ``bench_perf.reference_predict`` (torch.load of the
-generator file, whole slices, tifffile out), each its own process. Rounds alternate A B, B A;
-the figures are medians of the wall times, with the 1-minute load averages seen.
+generator file, whole slices, tifffile out), each its own process. cellp2p runs twice: as it
+runs by default (``--precision auto``, bf16 on CPUs with AMX) and with ``--precision fp32`` (the
+plain scripts' arithmetic). Rounds alternate A B C, C B A; the figures are medians of the wall
+times, with the 1-minute load averages seen.
 """
 
 from __future__ import annotations
@@ -46,6 +48,10 @@ from bench_perf import (  # noqa: E402
 from bench_predict import make_stack  # noqa: E402 - benchmarks/ on the path first
 
 STEPS = 30
+# cellp2p as it runs by default (--precision auto: bf16 on CPUs with AMX) and in fp32, the
+# plain scripts' arithmetic.
+PRECISION: dict[str, list[str]] = {"cellp2p": [], "cellp2p-fp32": ["--precision", "fp32"]}
+VARIANTS = (*PRECISION, "reference")
 
 
 def train_command(variant: str, preset: str, vol: Path, lab: Path, out: Path) -> list[str]:
@@ -57,7 +63,7 @@ def train_command(variant: str, preset: str, vol: Path, lab: Path, out: Path) ->
     args = ["train", "--mode", "pix2pix", "--task", "translate", "--preset", preset]
     args += ["--volume", str(vol), "--labels", str(lab), "--batch-size", "1", "--crop", str(SIZE)]
     args += ["--max-steps", str(STEPS), "--eval-every", str(STEPS), "--device", "cpu"]
-    return [py, "-m", "cellp2p", *args, "--out", str(out), "--quiet"]
+    return [py, "-m", "cellp2p", *args, *PRECISION[variant], "--out", str(out), "--quiet"]
 
 
 def reference_train(spec: dict[str, Any]) -> None:
@@ -91,7 +97,7 @@ def predict_command(variant: str, stack: Path, model: Path, out: Path) -> list[s
         spec = dict(stack=str(stack), model=str(model), out=str(out))
         return [py, __file__, "--reference-predict", json.dumps(spec)]
     args = ["predict", str(stack), "--model", str(model), "-o", str(out), "--output", "prob"]
-    return [py, "-m", "cellp2p", *args, "--device", "cpu"]
+    return [py, "-m", "cellp2p", *args, "--device", "cpu", *PRECISION[variant]]
 
 
 def timed(cmd: list[str]) -> dict[str, Any]:
@@ -123,13 +129,14 @@ def run_all(preset: str, rounds: int, tmp: Path) -> dict[str, Any]:
     train_runs = alternate(
         {
             v: (lambda r, v=v: train_command(v, preset, vol, lab, tmp / f"{v}-{r}"))
-            for v in ("cellp2p", "reference")
+            for v in VARIANTS
         },
         rounds,
     )
     stack = make_stack(tmp / "stack.tif", INFER_SLICES, INFER_SIZE)
     models = {
         "cellp2p": tmp / f"cellp2p-{rounds - 1}",
+        "cellp2p-fp32": tmp / f"cellp2p-{rounds - 1}",  # the same network, computed in fp32
         "reference": tmp / f"reference-{rounds - 1}" / "net_generator.pt",
     }
     sizes = {
@@ -141,7 +148,7 @@ def run_all(preset: str, rounds: int, tmp: Path) -> dict[str, Any]:
     predict_runs = alternate(
         {
             v: (lambda r, v=v: predict_command(v, stack, models[v], tmp / f"pred-{v}-{r}.tif"))
-            for v in ("cellp2p", "reference")
+            for v in VARIANTS
         },
         rounds,
     )

@@ -57,8 +57,8 @@ _RUNTIME_KEYS = {"device", "quiet", "num_workers", "precision", "max_steps", "ev
 
 def base_config(base: Any = None, **options: Any) -> dict[str, Any]:
     """Every TrainConfig field the variants share: ``base`` (a TrainConfig or a dict of some
-    fields) with ``options`` over it; unset ``max_steps``, ``eval_every`` and ``task`` get
-    ablate's defaults, the rest TrainConfig's."""
+    fields) with ``options`` over it; unset ``max_steps``, ``eval_every``, ``task`` and
+    ``augment`` (full, for every variant) get ablate's defaults, the rest TrainConfig's."""
     from cellp2p.config import TrainConfig
 
     values = asdict(base) if isinstance(base, TrainConfig) else dict(base or {})
@@ -71,6 +71,8 @@ def base_config(base: Any = None, **options: Any) -> dict[str, Any]:
     if values.get("task") is None:
         translate = values.get("direction") == "BtoA" or values.get("ab")
         values["task"] = "translate" if translate else "segment"
+    if values.get("augment") is None:  # one recipe for every variant: only the losses differ
+        values["augment"] = "full"
     return asdict(TrainConfig.from_dict(values, "ablate"))  # every field, each of its type
 
 

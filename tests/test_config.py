@@ -187,7 +187,7 @@ BAD = {
         {"task": "translate", "labels_mode": "binary"},
         "--labels-mode binary turns labels into classes",
     ),
-    "elastic-no-augment": ({"elastic": True, "augment": False}, "drop --no-augment"),
+    "elastic-no-augment": ({"elastic": True, "augment": "none"}, "drop --augment none"),
     "segment-psnr": ({"best_metric": "psnr"}, "--best-metric psnr: not a --task segment metric"),
     "translate-dice_1": (
         {"task": "translate", "best_metric": "dice_1"},
@@ -259,12 +259,12 @@ def test_train_layers_defaults_file_and_flags(runner, tmp_path, monkeypatch):
     conf = tmp_path / "c.json"
     conf.write_text(json.dumps({**DATA, "crop": 32, "seed": 9}))
     args = ["train", "--config", str(conf), "--out", str(tmp_path / "r"), "--seed", "3"]
-    res = runner.invoke(main, [*args, "--receptive-field", "16", "--no-augment"])
+    res = runner.invoke(main, [*args, "--receptive-field", "16", "--augment", "none"])
     assert res.exit_code == 0, res.output
     cfg = seen["cfg"]
-    assert (cfg.crop, cfg.seed, cfg.receptive_field, cfg.augment) == (32, 3, 16, False)
+    assert (cfg.crop, cfg.seed, cfg.receptive_field, cfg.augment) == (32, 3, 16, "none")
     assert cfg.batch_size == TrainConfig.batch_size  # the table's default
-    assert seen["overrides"] == {"seed": 3, "receptive_field": 16, "augment": False}
+    assert seen["overrides"] == {"seed": 3, "receptive_field": 16, "augment": "none"}
 
 
 def test_ablate_cli_passes_one_base_config(runner, tmp_path, monkeypatch):
@@ -288,6 +288,7 @@ def test_ablate_base_from_a_dict_or_a_config():
     from_cfg = ablate_module.base_config(TrainConfig(**DATA, loss="dice", max_steps=20))
     assert from_cfg["eval_every"] == TrainConfig.eval_every  # a config's own value is kept
     configs = ablate_module.variant_configs(from_cfg)
+    assert {c.augmentation() for c in configs.values()} == {"full"}  # U-Net and pix2pix alike
     assert configs["unet"].loss == "dice"
     assert {c.loss for n, c in configs.items() if n != "unet"} == {None}
 
@@ -300,3 +301,31 @@ def test_ablate_checks_every_variant_before_training(tmp_path, monkeypatch):
         ablate_module.ablate(DATA, out=tmp_path, variants=["l2"], echo=None)
     with pytest.raises(CellP2PError, match="unknown option"):
         ablate_module.ablate(DATA, out=tmp_path, crpo=3, echo=None)
+
+
+def test_augmentation_recipes_and_the_runs_recorded_before_them():
+    assert TrainConfig(mode="unet").augmentation() == "full"
+    assert TrainConfig(mode="pix2pix").augmentation() == "flips"  # the reference's recipe
+    assert TrainConfig(mode="pix2pix", augment="full").augmentation() == "full"
+    # config.json / checkpoints written when --augment was a flag: true = full, false = none
+    assert TrainConfig.from_dict({"augment": True}).augment == "full"
+    assert TrainConfig.from_dict({"augment": False}).augment == "none"
+
+
+@pytest.mark.parametrize(
+    ("recipe", "names"),
+    [
+        ("full", ["RandFlipd", "RandFlipd", "RandRotate90d", "RandScaleIntensityd",
+                  "RandShiftIntensityd"]),
+        ("flips", ["RandFlipd", "RandFlipd"]),
+        ("none", []),
+    ],
+)  # fmt: skip
+def test_each_augmentation_recipe_is_its_transforms(recipe, names):
+    from cellp2p.dataset import make_augment
+
+    cfg = TrainConfig(mode="pix2pix", augment=recipe)
+    assert [type(t).__name__ for t in make_augment(cfg, "binary").transforms] == names
+    cfg.elastic = recipe != "none"
+    elastic = [type(t).__name__ for t in make_augment(cfg, "binary").transforms]
+    assert ("Rand2DElasticd" in elastic) == (recipe != "none")

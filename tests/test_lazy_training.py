@@ -64,7 +64,7 @@ def _batches(cfg: TrainConfig, steps=range(1, 5)) -> list[tuple[torch.Tensor, to
     return [sb[s] for s in steps]
 
 
-@pytest.mark.parametrize("extra", [{}, {"jitter": True, "mode": "pix2pix"}, {"augment": False}])
+@pytest.mark.parametrize("extra", [{}, {"jitter": True, "mode": "pix2pix"}, {"augment": "none"}])
 def test_store_crops_equal_in_memory_crops(em, extra):
     lazy, memory = (load_data(_cfg(em[k], **extra)) for k in ("zarr", "tif"))
     assert isinstance(lazy.crops, StoreCrops) and lazy.train_x is None

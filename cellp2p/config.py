@@ -289,8 +289,8 @@ class TrainConfig:
     augment: str | None = _opt(
         None,
         "data",
-        "full: random flips, 90° rotations and intensity jitter; flips: random flips along "
-        "both axes only (with --jitter: the pix2pix paper's recipe); none "
+        "full: random flips of both axes, 90° rotations and intensity jitter; flips: random "
+        "horizontal flips only (with --jitter: the pix2pix paper's recipe); none "
         f"[{_pairs(DEFAULT_AUGMENT)}: measured best at equal work].",
         choices=AUGMENTS,
     )

@@ -307,8 +307,8 @@ def check_resumed_data(ckpt: dict[str, Any], data: PairedData, cfg: TrainConfig)
 def make_augment(cfg: TrainConfig, target_kind: str) -> Callable[[dict], dict]:
     """Paired MONAI dictionary transforms, drawn once and applied to input and target alike,
     on a crop already cut (:class:`StepBatches` draws where): ``--jitter``, then the
-    ``--augment`` recipe (full: flips, 90° turns, [elastic], intensity jitter; flips: the flips
-    [and elastic]; none)."""
+    ``--augment`` recipe (full: flips of both axes, 90° turns, [elastic], intensity jitter;
+    flips: left-right flips [and elastic]; none)."""
     from monai.transforms import (
         Compose,
         Rand2DElasticd,
@@ -328,10 +328,15 @@ def make_augment(cfg: TrainConfig, target_kind: str) -> Callable[[dict], dict]:
         ts.append(Resized(keys, spatial_size=(big, big), mode=("bilinear", nearest)))
         ts.append(RandSpatialCropd(keys, roi_size=(cfg.crop, cfg.crop), random_size=False))
     recipe = cfg.augmentation()
+    if recipe == "full":
+        ts += [
+            RandFlipd(keys, prob=0.5, spatial_axis=0),
+            RandFlipd(keys, prob=0.5, spatial_axis=1),
+            RandRotate90d(keys, prob=0.5, max_k=3),
+        ]
+    if recipe == "flips":  # the pix2pix reference's: left-right only
+        ts.append(RandFlipd(keys, prob=0.5, spatial_axis=1))
     if recipe != "none":
-        ts += [RandFlipd(keys, prob=0.5, spatial_axis=0), RandFlipd(keys, prob=0.5, spatial_axis=1)]
-        if recipe == "full":
-            ts.append(RandRotate90d(keys, prob=0.5, max_k=3))
         if cfg.elastic:  # as the U-Net paper did for ISBI 2012
             ts.append(
                 Rand2DElasticd(

@@ -247,20 +247,24 @@ def _without_crc32() -> Iterator[None]:
     writing a checkpoint (640 MB: 1.1–3.2 s with, 0.3 s without; benchmarks/RESULTS.md).
     Truncated or damaged files are still refused by the zip structure (:func:`load_checkpoint`).
     """
-    try:
-        from torch.utils.serialization import config
-    except ImportError:  # torch < 2.5: no such option
-        config = None
-    save = getattr(config, "save", None)
-    if save is None or not hasattr(save, "compute_crc32"):
+    get = getattr(torch.serialization, "get_crc32_options", None)  # torch >= 2.5
+    if get is None:
         yield
         return
-    before = save.compute_crc32
-    save.compute_crc32 = False
+    before = get()
+    torch.serialization.set_crc32_options(False)
     try:
         yield
     finally:
-        save.compute_crc32 = before
+        torch.serialization.set_crc32_options(before)
+
+
+def update_checkpoint(path: str | Path, **changes: Any) -> Path:
+    """Write ``path`` again with some of its top-level entries replaced (the tensors are mapped
+    from the old file, not read into memory)."""
+    ckpt = load_checkpoint(path, mmap=True)
+    payload = {k: v for k, v in ckpt.items() if k not in ("format", "version", "path")}
+    return save_checkpoint(path, {**payload, **changes})
 
 
 def _save_failed(path: Path, err: BaseException) -> CellP2PError:

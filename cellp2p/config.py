@@ -33,8 +33,8 @@ INSTANCE_TARGETS = ("boundary", "separated")
 # Measured best for the U-Net (benchmarks/RESULTS.md); pix2pix learns images, not classes.
 DEFAULT_INSTANCE_TARGET = {"unet": "boundary", "pix2pix": "separated"}
 # Training augmentation. pix2pix: none; at equal work on ISBI (300 steps, seeds 0 and 1) its
-# cGAN reached val pixel error 0.097-0.098 without, 0.115-0.134 with flips or the full set, the
-# plain flips script 0.102-0.103 (benchmarks/RESULTS.md).
+# cGAN reached val pixel error 0.097-0.098 without, 0.115-0.134 with flips of both axes or the
+# full set, the plain flips script 0.102-0.103 (benchmarks/RESULTS.md).
 AUGMENTS = ("full", "flips", "none")
 DEFAULT_AUGMENT = {"unet": "full", "pix2pix": "none"}
 MAX_CLASSES = 16
@@ -451,8 +451,11 @@ class TrainConfig:
                 "--instance-target boundary makes classes, which pix2pix does not learn: use "
                 "--instance-target separated or --mode unet"
             )
-        if self.elastic and self.augment == "none":
-            raise CellP2PError("--elastic is part of the augmentation: drop --augment none")
+        if self.elastic and self.augmentation() == "none":
+            raise CellP2PError(
+                "--elastic is part of the augmentation, which is none here (--augment none, "
+                "pix2pix's default): drop --augment none, or give --augment flips or full"
+            )
         if self.best_metric is not None and not _is_metric(self.best_metric, self.task):
             raise CellP2PError(
                 f"--best-metric {self.best_metric}: not a --task {self.task} metric; use one "

@@ -334,25 +334,24 @@ def make_augment(cfg: TrainConfig, target_kind: str) -> Callable[[dict], dict]:
             RandFlipd(keys, prob=0.5, spatial_axis=1),
             RandRotate90d(keys, prob=0.5, max_k=3),
         ]
-    if recipe == "flips":  # the pix2pix reference's: left-right only
+    elif recipe == "flips":  # the pix2pix reference's: left-right only
         ts.append(RandFlipd(keys, prob=0.5, spatial_axis=1))
-    if recipe != "none":
-        if cfg.elastic:  # as the U-Net paper did for ISBI 2012
-            ts.append(
-                Rand2DElasticd(
-                    keys,
-                    spacing=(max(8, cfg.crop // 8),) * 2,
-                    magnitude_range=(1.0, 3.0),
-                    prob=0.5,
-                    mode=("bilinear", nearest),
-                    padding_mode="reflection",
-                )
+    if cfg.elastic:  # as the U-Net paper did for ISBI 2012 (validate: not with --augment none)
+        ts.append(
+            Rand2DElasticd(
+                keys,
+                spacing=(max(8, cfg.crop // 8),) * 2,
+                magnitude_range=(1.0, 3.0),
+                prob=0.5,
+                mode=("bilinear", nearest),
+                padding_mode="reflection",
             )
-        if recipe == "full":
-            ts += [
-                RandScaleIntensityd("image", factors=0.1, prob=0.5),
-                RandShiftIntensityd("image", offsets=0.1, prob=0.5),
-            ]
+        )
+    if recipe == "full":
+        ts += [
+            RandScaleIntensityd("image", factors=0.1, prob=0.5),
+            RandShiftIntensityd("image", offsets=0.1, prob=0.5),
+        ]
     return Compose(ts)
 
 

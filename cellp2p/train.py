@@ -35,7 +35,7 @@ from cellp2p.checkpoint import (
     check_resumable,
     load_checkpoint,
     restore,
-    save_checkpoint,
+    update_checkpoint,
     versions,
     write_checkpoints,
 )
@@ -478,13 +478,12 @@ def _tune_best(state: TrainState) -> None:
     path = best_checkpoint(state.out)
     if state.best is None or not path.is_file():
         return
-    ckpt = load_checkpoint(path, mmap=True)
     pred = state.best_outputs
     if pred is None:
-        net = build_from_entry(ckpt["models"][PREDICTS[state.cfg.mode]], path).to(state.device)
+        entry = load_checkpoint(path, mmap=True)["models"][PREDICTS[state.cfg.mode]]
+        net = build_from_entry(entry, path).to(state.device)
         pred = validate_run(state.mode, state.data, state.device, full=False, net=net)[1]
-    payload = {k: v for k, v in ckpt.items() if k not in ("format", "version", "path")}
-    save_checkpoint(path, {**payload, "postprocessing": tune_run(pred, state.data)})
+    update_checkpoint(path, postprocessing=tune_run(pred, state.data))
 
 
 def validate_run(

@@ -188,6 +188,7 @@ BAD = {
         "--labels-mode binary turns labels into classes",
     ),
     "elastic-no-augment": ({"elastic": True, "augment": "none"}, "drop --augment none"),
+    "elastic-pix2pix-default": ({"mode": "pix2pix", "elastic": True}, "give --augment flips"),
     "segment-psnr": ({"best_metric": "psnr"}, "--best-metric psnr: not a --task segment metric"),
     "translate-dice_1": (
         {"task": "translate", "best_metric": "dice_1"},

@@ -463,7 +463,12 @@ def _predict_options() -> list[click.Parameter]:
 @click.option(
     "--overlap", type=float, default=0.25, show_default=True, help="Tile overlap fraction."
 )
-@click.option("--tta", is_flag=True, help="Average the 8 flips/90° rotations (8x slower).")
+@click.option(
+    "--tta/--no-tta",
+    default=None,
+    help="Average the 8 flips/90° rotations (8x slower) [default: only for --output labels, "
+    "where training's tuning found it better].",
+)
 @click.option(
     "--batch-size", type=int, default=4, show_default=True, help="Tiles or slices per forward."
 )

@@ -59,7 +59,11 @@ def _is_torchscript(names: list[str]) -> bool:
 
 
 def load_exported(
-    path: str | Path, device: str = "auto", *, tta: bool = False, test_time_dropout: bool = False
+    path: str | Path,
+    device: str = "auto",
+    *,
+    tta: bool | None = None,
+    test_time_dropout: bool = False,
 ) -> Predictor:
     """A Predictor around an exported model, with the normalisation and target it carries."""
     from cellp2p.runtime import select_device

@@ -37,7 +37,7 @@ NUCLEI_GRID: dict[str, tuple] = {
     "min_size": (16, 0, 8, 32),
 }
 DENSE_GRID: dict[str, tuple] = {
-    "threshold": (0.8, 0.5, 0.6, 0.7, 0.9),
+    "threshold": (0.8, 0.5, 0.6, 0.7, 0.9, 0.95),
     "min_distance": (0,),
     "h": (0.0, 4.0, 8.0),
     "min_size": (25, 0, 100),
@@ -461,11 +461,12 @@ def tuning_maps(prob: np.ndarray, boundary: bool) -> np.ndarray:
 
 
 def postprocessing_record(
-    params: Mapping[str, Any] | None, *, dense: bool, boundary: bool
+    params: Mapping[str, Any] | None, *, dense: bool, boundary: bool, tta: bool = False
 ) -> dict[str, Any]:
     """What a checkpoint stores as ``"postprocessing"``: plain primitives, checked.
 
-    ``params``: :func:`tune_postprocessing`'s result (None: :func:`default_params`).
+    ``params``: :func:`tune_postprocessing`'s result (None: :func:`default_params`); ``tta``:
+    the parameters were tuned on test-time augmented maps, which ``--output labels`` then uses.
     """
     par = {**default_params(dense), **dict(params or {})}
     out: dict[str, Any] = {"method": "watershed", "dense": bool(dense), "boundary": bool(boundary)}
@@ -476,6 +477,7 @@ def postprocessing_record(
         if par.get(k) is not None:
             out[k] = par[k] if k == "objective" else float(par[k])
     out["tuned"] = params is not None
+    out["tta"] = bool(tta)
     return out
 
 
@@ -483,28 +485,44 @@ def postprocessing_record(
 TRAIN_GRIDS: dict[bool, dict[str, tuple] | None] = {False: None, True: {"h": (0.0,)}}
 
 
-def tune_run(pred: np.ndarray, data: Any) -> dict[str, Any] | None:
+def tune_run(
+    pred: np.ndarray, data: Any, pred_tta: np.ndarray | None = None
+) -> dict[str, Any] | None:
     """The ``"postprocessing"`` record of a run: the watershed tuned on the validation outputs.
 
-    ``pred``: validation outputs (N, C, Y, X) in [0, 1]; ``data``: the run's
-    :class:`cellp2p.dataset.PairedData`. None (connected components) for translation and
-    class maps, which have no objects to tune on.
+    ``pred``: validation outputs (N, C, Y, X) in [0, 1]; ``pred_tta``: the same, test-time
+    augmented (:func:`cellp2p.tiling.dihedral_mean`), tuned as well and kept (``"tta"``) only
+    where it scores better; ``data``: the run's :class:`cellp2p.dataset.PairedData`. None
+    (connected components) for translation and class maps, which have no objects to tune on.
     """
-    objects = getattr(data, "val_instances", None)
-    instances = bool(getattr(data, "instances", False))
-    if objects is None or (data.target_kind != "binary" and not instances):
+    if not tunes(data):
         return None
-    boundary = instances and data.target_kind == "multiclass"
+    objects = data.val_instances
+    boundary = bool(data.instances) and data.target_kind == "multiclass"
     dense = bool(getattr(data, "dense", False))
-    maps = tuning_maps(pred, boundary)
-    tuned = tune_postprocessing(maps, objects, TRAIN_GRIDS[dense], dense=dense)
-    record = postprocessing_record(tuned, dense=dense, boundary=boundary)
+    sign = 1.0 if dense else -1.0  # minimise the Rand error, maximise mean AP
+    tuned, tta = None, False
+    for augmented, maps in ((False, pred), (True, pred_tta)):
+        if maps is None:
+            continue
+        t = tune_postprocessing(
+            tuning_maps(maps, boundary), objects, TRAIN_GRIDS[dense], dense=dense
+        )
+        if tuned is None or sign * t["score"] < sign * tuned["score"]:
+            tuned, tta = t, augmented
+    record = postprocessing_record(tuned, dense=dense, boundary=boundary, tta=tta)
     cc = _components_score(pred, objects, data.target_kind, dense)
     record["components_score"] = cc
-    better = tuned["score"] < cc if dense else tuned["score"] > cc
-    if not better:  # the watershed must earn its place on the validation slices
-        record["method"] = "components"
+    if not sign * tuned["score"] < sign * cc:  # the watershed must earn its place
+        record.update(method="components", tta=False)
     return record
+
+
+def tunes(data: Any) -> bool:
+    """Whether a run's data has objects to tune ``--output labels`` on (:func:`tune_run`)."""
+    objects = getattr(data, "val_instances", None)
+    instances = bool(getattr(data, "instances", False))
+    return objects is not None and (data.target_kind == "binary" or instances)
 
 
 def _components_score(pred: np.ndarray, objects: np.ndarray, kind: str, dense: bool) -> float:
@@ -539,6 +557,8 @@ def check_postprocessing(record: Any, name: str = "checkpoint") -> dict[str, Any
         return None
     if not isinstance(record, dict) or record.get("method") not in ("watershed", "components"):
         raise CellP2PError(f"{name}: post-processing record {record!r} is damaged")
+    if not isinstance(record.get("tta", False), bool):
+        raise CellP2PError(f"{name}: post-processing tta = {record['tta']!r} is not true/false")
     for k in WATERSHED_KEYS:
         v = record.get(k)
         if v is not None and (isinstance(v, bool) or not isinstance(v, (int, float)) or v < 0):

@@ -76,7 +76,7 @@ def predict_stack(
     threshold: float | None = None,
     tile: int | None = None,
     overlap: float = 0.25,
-    tta: bool = False,
+    tta: bool | None = None,
     batch_size: int = 4,
     device: str = "auto",
     precision: str = "auto",
@@ -475,7 +475,7 @@ def _predict_group(
     _drop_mapped_pages(reader)
     source = f"{job.src} slice {ids[0]}"
     probs = predictor.predict_slices(
-        planes, options.tile, options.overlap, options.batch_size, source
+        planes, options.tile, options.overlap, options.batch_size, source, options.kind
     )
     for prob in probs:
         yield predictor.to_output(prob, options.kind, options.threshold)

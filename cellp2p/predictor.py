@@ -61,7 +61,7 @@ class Predictor:
         out_channels: int,
         device: torch.device,
         precision: str = "fp32",
-        tta: bool = False,
+        tta: bool | None = None,
         test_time_dropout: bool = False,
         postprocessing: dict[str, Any] | None = None,
     ):
@@ -76,7 +76,7 @@ class Predictor:
         self.checkpoint_path = checkpoint_path
         self.in_channels, self.out_channels = in_channels, out_channels
         self.device, self.precision = device, precision
-        self.tta = tta
+        self.tta = tta  # None: as :meth:`uses_tta` decides
         self.test_time_dropout = test_time_dropout
         self.postprocessing = postprocessing  # ``--output labels``; None: connected components
         self.space = outputs.output_space(net)
@@ -128,6 +128,13 @@ class Predictor:
             return None
         crop = self.train_config.get("crop") or DEFAULT_TILE
         return max(DEFAULT_TILE, int(crop))
+
+    def uses_tta(self, output: str | None = None) -> bool:
+        """Whether outputs are test-time augmented: as asked (``tta`` True/False), else only for
+        ``--output labels`` where training's tuning chose it (the post-processing's ``"tta"``)."""
+        if self.tta is not None:
+            return bool(self.tta)
+        return output == "labels" and bool((self.postprocessing or {}).get("tta"))
 
     def single_window(self, shape: Sequence[int], tile: int | None) -> bool:
         """Whether a slice of ``shape`` goes through the network in one piece."""
@@ -189,13 +196,15 @@ class Predictor:
         overlap: float = 0.25,
         batch_size: int = 4,
         source: str = "input",
+        output: str | None = None,
     ) -> np.ndarray:
-        """Several raw slices of one size → float32 (N, C_out, Y, X) in [0, 1]."""
+        """Several raw slices of one size → float32 (N, C_out, Y, X) in [0, 1]; ``output``:
+        the kind they become (``labels`` may ask for test-time augmentation, :meth:`uses_tta`)."""
         check_tiling(tile, overlap, batch_size)
         x = torch.from_numpy(self.prepare(images, source)).to(self.device)
         run = functools.partial(self._tiled, tile=tile, overlap=overlap, batch=batch_size)
         with torch.inference_mode():
-            out = dihedral_mean(run, x) if self.tta else run(x)
+            out = dihedral_mean(run, x) if self.uses_tta(output) else run(x)
         return out.float().contiguous().cpu().numpy()
 
     def predict_slice(
@@ -284,7 +293,7 @@ def load_predictor(
     model: str | Path,
     device: str = "auto",
     *,
-    tta: bool = False,
+    tta: bool | None = None,
     test_time_dropout: bool = False,
     precision: str = "auto",
 ) -> Predictor:

@@ -51,7 +51,7 @@ from cellp2p.dataset import (
 from cellp2p.errors import CellP2PError
 from cellp2p.figures import plot_curves, save_panel
 from cellp2p.fsutil import check_claim, claim_folder, mark_folder
-from cellp2p.instances import tune_run
+from cellp2p.instances import tune_run, tunes
 from cellp2p.models.blocks import center_crop
 from cellp2p.modes import Mode, lr_factor, make_mode, make_schedulers, model_overrides
 from cellp2p.rundir import (
@@ -67,7 +67,7 @@ from cellp2p.rundir import (
 )
 from cellp2p.runtime import check_batch_memory, resolve_precision, seed_everything
 from cellp2p.scoring import is_improvement, is_object_score, score_outputs
-from cellp2p.tiling import forward_full
+from cellp2p.tiling import dihedral_mean, forward_full
 
 __all__ = ["TrainConfig", "TrainState", "lr_factor", "make_loader", "train", "train_step"]
 
@@ -462,7 +462,7 @@ def evaluate(
         state.best_outputs = pred
     record = make_record(state, losses, val, images_per_s)
     if ending:  # issue 15: --output labels, tuned on validation
-        state.postprocessing = tune_run(pred, state.data)
+        state.postprocessing = _tuned(state, pred)
     write_checkpoints(state, record, improved)
     if ending and not improved:
         _tune_best(state)
@@ -476,14 +476,23 @@ def _tune_best(state: TrainState) -> None:
     """best.pt's watershed, tuned on its own validation outputs and written into it (the run's
     last evaluation did not improve; a best from before a ``--resume`` is run again here)."""
     path = best_checkpoint(state.out)
-    if state.best is None or not path.is_file():
-        return
+    if state.best is None or not path.is_file() or not tunes(state.data):
+        return  # (nothing to tune: best.pt keeps no post-processing)
+    entry = load_checkpoint(path, mmap=True)["models"][PREDICTS[state.cfg.mode]]
+    net = build_from_entry(entry, path).to(state.device)
     pred = state.best_outputs
     if pred is None:
-        entry = load_checkpoint(path, mmap=True)["models"][PREDICTS[state.cfg.mode]]
-        net = build_from_entry(entry, path).to(state.device)
-        pred = validate_run(state.mode, state.data, state.device, full=False, net=net)[1]
-    update_checkpoint(path, postprocessing=tune_run(pred, state.data))
+        pred = validation_outputs(state.mode, state.data, state.device, net)
+    update_checkpoint(path, postprocessing=_tuned(state, pred, net))
+
+
+def _tuned(state: TrainState, pred: np.ndarray, net: torch.nn.Module | None = None) -> Any:
+    """:func:`tune_run` on the validation outputs ``pred`` of ``net`` (None: the mode's) and on
+    their test-time augmented ones (kept where they score better)."""
+    if not tunes(state.data):
+        return None
+    tta = validation_outputs(state.mode, state.data, state.device, net, tta=True)
+    return tune_run(pred, state.data, tta)
 
 
 def validate_run(
@@ -495,21 +504,37 @@ def validate_run(
 ) -> tuple[dict, np.ndarray]:
     """Metrics on whole held-out slices (not crops), and the predictions in [0, 1]; ``net``:
     another network in place of the mode's (best.pt's, of the same kind)."""
+    pred = validation_outputs(mode, data, device, net)
+    return score_validation(pred, data, full), pred
+
+
+def validation_outputs(
+    mode: Mode,
+    data: PairedData,
+    device: torch.device,
+    net: torch.nn.Module | None = None,
+    tta: bool = False,
+) -> np.ndarray:
+    """The outputs in [0, 1] of the mode's network (or ``net``) on the whole held-out slices;
+    ``tta``: averaged over the 8 flips/rotations (:func:`cellp2p.tiling.dihedral_mean`)."""
     preds = []
     main = mode.main if net is None else net
     was_training = mode.main.training
     for m in [*mode.nets.values(), main]:
         m.eval()
+
+    def whole(t: torch.Tensor) -> torch.Tensor:
+        return forward_full(lambda u: mode.predict(u, main), main, t)
+
     with torch.inference_mode():
         for x in data.val_x:
             xt = torch.from_numpy(x[None]).to(device)
-            out = forward_full(lambda t: mode.predict(t, main), main, xt)
+            out = dihedral_mean(whole, xt) if tta else whole(xt)
             preds.append(out[0].cpu().numpy())
     if was_training:
         for m in mode.nets.values():
             m.train()
-    pred = np.stack(preds)
-    return score_validation(pred, data, full), pred
+    return np.stack(preds)
 
 
 def score_validation(pred: np.ndarray, data: PairedData, full: bool = True) -> dict[str, float]:

@@ -260,7 +260,13 @@ def test_the_watershed_is_tuned_once_at_the_end_for_each_checkpoint(
 
     tuned: list[np.ndarray] = []
     real = T.tune_run
-    monkeypatch.setattr(T, "tune_run", lambda pred, data: tuned.append(pred) or real(pred, data))
+
+    def spy(pred, data, pred_tta):
+        assert pred_tta.shape == pred.shape  # the test-time augmented outputs are tuned too
+        tuned.append(pred)
+        return real(pred, data, pred_tta)
+
+    monkeypatch.setattr(T, "tune_run", spy)
     # No norm layers and a vanishing rate: the network does not change, so no evaluation
     # improves on the first and best.pt stays at step 2 while last.pt moves on.
     overrides = {"depth": 2, "base": 8, "norm": "none"}

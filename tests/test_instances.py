@@ -235,6 +235,29 @@ def test_membrane_gaps_split_by_threshold_and_by_distance() -> None:
     assert split.max() == 9 and _one_cell_per_compartment(split, comps)
 
 
+def test_tune_run_keeps_test_time_augmented_maps_only_where_they_score_better() -> None:
+    """A hole in one membrane merges two cells (training's dense grid has h = 0 only); the
+    test-time augmented map without it is kept and recorded, a worse or an equal one is not."""
+    from types import SimpleNamespace
+
+    clean = _membrane_grid()
+    hole = clean.copy()
+    hole[8:12, 20:22] = 1.0
+    data = SimpleNamespace(
+        val_instances=(clean > 0.5)[None], instances=False, target_kind="binary", dense=True
+    )
+    better = inst.tune_run(hole[None, None], data, clean[None, None])
+    assert better["tta"] is True and better["method"] == "watershed"
+    assert better["score"] == pytest.approx(0.0) and better["components_score"] > 0.01
+    assert inst.tune_run(hole[None, None], data, hole[None, None])["tta"] is False  # a tie
+    assert inst.tune_run(hole[None, None], data)["tta"] is False  # none given
+    worse = inst.tune_run(clean[None, None], data, hole[None, None])
+    assert worse["tta"] is False and worse["score"] == pytest.approx(0.0)
+    assert inst.check_postprocessing(better) == better
+    with pytest.raises(CellP2PError, match="tta"):
+        inst.check_postprocessing({**better, "tta": "yes"})
+
+
 @pytest.mark.parametrize("dense", [False, True])
 def test_empty_prediction_gives_empty_labels(dense: bool) -> None:
     for p in (np.zeros((32, 48), dtype=np.float32), np.full((32, 48), 0.3, dtype=np.float32)):

@@ -331,6 +331,48 @@ def test_tta_of_a_symmetric_model_equals_no_tta(seg_run, monkeypatch):
     assert np.abs(p.predict_slice(img) - shifted).max() > 1e-2
 
 
+def test_labels_follow_the_tuned_test_time_augmentation(seg_run, tmp_path, monkeypatch):
+    """A checkpoint whose tuning chose TTA predicts labels from the TTA map and everything else
+    without it; --no-tta and --tta override the choice."""
+    import shutil
+
+    import cellp2p.predictor as P
+    from cellp2p.checkpoint import load_checkpoint, update_checkpoint
+
+    run = tmp_path / "run"
+    shutil.copytree(seg_run.out, run)
+    best = run / "checkpoints" / "best.pt"
+    pp = load_checkpoint(best)["postprocessing"]
+    update_checkpoint(best, postprocessing={**pp, "method": "watershed", "tta": True})
+    p = load_predictor(run, "cpu", precision="fp32")
+    assert p.uses_tta("labels") and not p.uses_tta("prob") and not p.uses_tta()
+    assert not load_predictor(run, "cpu", tta=False).uses_tta("labels")
+    assert load_predictor(run, "cpu", tta=True).uses_tta("prob")
+    img = _smooth((2, 40, 56))
+    plain = p.predict_slices(list(img))
+    p.tta = True
+    augmented = p.predict_slices(list(img))
+    assert np.abs(augmented - plain).max() > 1e-4  # the two maps differ
+    stack = write_stack(tmp_path / "vol.tif", img)
+    calls = []
+    real = P.dihedral_mean
+    monkeypatch.setattr(P, "dihedral_mean", lambda fn, x: calls.append(1) or real(fn, x))
+    cases = {
+        ("labels",): (augmented, 1),
+        ("labels", "--no-tta"): (plain, 0),
+        ("prob",): (plain, 0),
+        ("prob", "--tta"): (augmented, 1),
+    }
+    for i, (args, (prob, n)) in enumerate(cases.items()):
+        calls.clear()
+        out = tmp_path / f"out{i}.tif"
+        res = _run(stack, "--model", run, "--output", *args, "-o", out, "--precision", "fp32")
+        assert res.exit_code == 0, res.output
+        assert len(calls) == n, args
+        want = np.stack([p.to_output(q, args[0]) for q in prob])
+        np.testing.assert_allclose(tifffile.imread(out), want, atol=1e-6, err_msg=str(args))
+
+
 def test_eval_semantics_and_test_time_dropout(translate_run):
     img = _smooth((32, 32))
     p = load_predictor(translate_run.out, "cpu")

@@ -49,3 +49,24 @@ def test_time_to_quality_quick_runs_both_contestants(tmp_path: Path) -> None:
         assert r["evals"] and r["steps"] > 0 and r["eval_s"] >= 0
         assert (r["seconds"] is not None) == r["reached"]
         assert r["contestant"] in proc.stdout
+
+
+def test_instances_benchmark_scores_both_post_processings(tmp_path: Path) -> None:
+    # The nuclei case at 4 steps: training, the end-of-training tuning (plain and test-time
+    # augmented maps), predict --output labels and the scores, as the acceptance run does them.
+    out = tmp_path / "inst.json"
+    cmd = [sys.executable, "benchmarks/bench_instances.py", "--case", "nuclei", "--steps", "4"]
+    cmd += ["--threads", "1", "--out", str(tmp_path / "runs"), "--json", str(out)]
+    proc = subprocess.run(
+        cmd,
+        cwd=REPO,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    result = json.loads(out.read_text())
+    assert set(result["rows"]) == {"labels (watershed)", "connected components"}
+    assert result["postprocessing"]["tuned"] and isinstance(result["postprocessing"]["tta"], bool)
+    assert "labels (watershed)" in proc.stdout

@@ -146,9 +146,11 @@ def score(case: str, vol: Path, lab: Path, run: Path) -> dict[str, Any]:
         )
         pp = postprocessing_record(tuned, dense=dense, boundary=boundary)
         pred.postprocessing = pp
-    t0 = time.perf_counter()  # the map --output labels uses (test-time augmented if tuned so)
-    maps = pred.predict_slices([volume[i] for i in ids], output="labels")
-    t_labels = time.perf_counter() - t0
+    maps, t_labels = prob, t_pred  # the map --output labels uses: test-time augmented if tuned so
+    if pred.uses_tta("labels"):
+        t0 = time.perf_counter()
+        maps = pred.predict_slices([volume[i] for i in ids], output="labels")
+        t_labels = time.perf_counter() - t0
     t0 = time.perf_counter()
     inst = [pred.to_output(p, "labels") for p in maps]
     t_ws = (time.perf_counter() - t0) / len(ids)
